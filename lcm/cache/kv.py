@@ -1,0 +1,68 @@
+"""The KV cache: an explicit pytree passed into and returned from the model.
+
+Layout: ``keys``/``values`` are ``[layers, batch, capacity, kv_heads, head_dim]`` buffers of fixed capacity
+(static shapes inside ``jax.jit``), ``positions`` ``[batch, capacity]`` the RoPE position of each slot and
+``length`` the number of filled slots (a traced scalar, the same for every row of the batch).
+
+With ``keys_pre_rope=True`` keys are stored *before* rotation and rotated at read time from ``positions``: a
+policy that renumbers positions (TokenSelect, InfiniPot, Locret, CLEX when its scale changes) then edits
+``positions`` only. With ``False`` (the default, what transformers does) keys are stored rotated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    keys: jax.Array  # [L, B, S, K, D]
+    values: jax.Array  # [L, B, S, K, D]
+    positions: jax.Array  # [B, S] int32
+    length: jax.Array  # [] int32, filled slots
+    keys_pre_rope: bool = dataclasses.field(default=False, metadata={"static": True})
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(int(x.size) * x.dtype.itemsize for x in (self.keys, self.values, self.positions))
+
+
+def init_cache(
+    num_layers: int,
+    batch: int,
+    capacity: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: jnp.dtype = jnp.float32,
+    keys_pre_rope: bool = False,
+) -> KVCache:
+    """An empty cache with room for ``capacity`` tokens per row."""
+    if capacity <= 0 or batch <= 0:
+        raise ValueError(f"cache capacity and batch must be positive, got capacity={capacity}, batch={batch}")
+    shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
+    return KVCache(
+        keys=jnp.zeros(shape, dtype),
+        values=jnp.zeros(shape, dtype),
+        positions=jnp.zeros((batch, capacity), jnp.int32),
+        length=jnp.zeros((), jnp.int32),
+        keys_pre_rope=keys_pre_rope,
+    )
+
+
+def write_layer(
+    cache_keys: jax.Array, cache_values: jax.Array, layer: int, start: jax.Array, k: jax.Array, v: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Write ``k``/``v`` ``[B, T, K, D]`` into slots ``start…start+T`` of ``layer`` (in place under donation)."""
+    zero = jnp.zeros((), jnp.int32)
+    index = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(start, jnp.int32), zero, zero)
+    cache_keys = jax.lax.dynamic_update_slice(cache_keys, k[None].astype(cache_keys.dtype), index)
+    cache_values = jax.lax.dynamic_update_slice(cache_values, v[None].astype(cache_values.dtype), index)
+    return cache_keys, cache_values

@@ -1,0 +1,300 @@
+"""The LLaMA decoder family (LLaMA 1-3, Mistral, Qwen2, SmolLM2) as tree-shaped Flax NNX modules.
+
+Touvron et al. 2023 (arXiv 2302.13971): pre-norm RMSNorm, SwiGLU MLP, rotary positions; GQA (Ainslie et al.
+2023). Mistral adds a sliding window, Qwen2 biases on the q/k/v projections. Numerics follow transformers'
+``LlamaForCausalLM`` (RMSNorm in float32, then cast; RoPE half-split layout; attention softmax in float32).
+
+The model is a pure function of ``(params, tokens, positions, cache) -> (logits, cache)``:
+``graphdef, params = nnx.split(model)`` and :func:`forward` give it explicitly. The KV cache
+(:class:`lcm.cache.kv.KVCache`) is an argument and a return value, never hidden state. Parameters carry
+logical axis names (``vocab, embed, heads, kv_heads, head_dim, mlp``) that ``lcm.parallel`` maps to mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from lcm.cache.kv import KVCache, init_cache, write_layer
+from lcm.ops import rope as rope_ops
+from lcm.ops.attention import chunked_attention
+
+# variants that scale relative to the trained context L0; `with_rope` fills it in from the model
+_USES_ORIGINAL_LENGTH = frozenset({"dynamic", "yarn", "llama3", "longrope"})
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of one decoder; validated on construction. Defaults are SmolLM2-135M's."""
+
+    vocab_size: int = 49152  # rows of the embedding table
+    hidden_size: int = 576  # model width d_model
+    intermediate_size: int = 1536  # SwiGLU hidden width
+    num_layers: int = 30  # decoder blocks
+    num_heads: int = 9  # query heads
+    num_kv_heads: int = 3  # key/value heads (GQA); must divide num_heads
+    head_dim: int = 0  # per-head width; 0 means hidden_size // num_heads
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_base: float = 100000.0  # RoPE base b (rope_theta)
+    rope_variant: str = "default"  # a name in lcm.ops.rope.ROPE_VARIANTS
+    rope_params: tuple[tuple[str, Any], ...] = ()  # the variant's parameters, as sorted (name, value) pairs
+    max_position_embeddings: int = 8192  # trained context length L0
+    tie_embeddings: bool = True  # LM head shares the embedding matrix
+    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
+    o_bias: bool = False  # bias on the output projection
+    mlp_bias: bool = False  # biases in the MLP
+    sliding_window: int | None = None  # Mistral's attention window in tokens; None = full causal
+    dtype: str = "float32"  # activation and parameter dtype: float32 | bfloat16 | float16
+    q_chunk: int = 512  # attention query-chunk size (memory O(q_chunk x context))
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {sorted(_DTYPES)}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
+        frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.rope_params).items()}
+        object.__setattr__(self, "rope_params", tuple(sorted(frozen.items())))
+        rope_ops.validate_rope_params(self.rope_variant, dict(self.rope_params), self.head_dim)
+
+    @property
+    def jnp_dtype(self) -> jnp.dtype:
+        return _DTYPES[self.dtype]
+
+    def with_rope(self, variant: str, params: dict[str, Any] | None = None) -> LlamaConfig:
+        """The same model with another RoPE variant (``original_max_position_embeddings`` defaults to L0)."""
+        params = dict(params or {})
+        if variant in _USES_ORIGINAL_LENGTH:
+            params.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+        return dataclasses.replace(self, rope_variant=variant, rope_params=tuple(sorted(params.items())))
+
+
+def _param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: jnp.dtype, fan_in: int | None
+) -> nnx.Param:
+    if fan_in is None:
+        value = jnp.ones(shape, dtype)
+    elif fan_in == 0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5).astype(dtype)
+    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.scale = _param(rngs, (dim,), ("embed",), dtype, None)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * x32.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        d, h, k, hd, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype
+        self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt, d)
+        self.k_proj = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dt, d)
+        self.v_proj = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dt, d)
+        self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt, h * hd)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), dt, 0)
+            self.k_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), dt, 0)
+            self.v_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), dt, 0)
+        if cfg.o_bias:
+            self.o_bias = _param(rngs, (d,), ("embed",), dt, 0)
+        self.qkv_bias, self.has_o_bias = cfg.qkv_bias, cfg.o_bias
+
+    def project_qkv(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Pre-RoPE ``q [B,T,H,hd]``, ``k, v [B,T,K,hd]`` (Locret's retaining heads read these too)."""
+        q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q_proj[...])
+        k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.k_proj[...])
+        v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.v_proj[...])
+        if self.qkv_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        return q, k, v
+
+    def output(self, attn_BxTxHxK: jax.Array) -> jax.Array:
+        out = jnp.einsum("bthk,hkd->btd", attn_BxTxHxK, self.o_proj[...])
+        return out + self.o_bias[...] if self.has_o_bias else out
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        d, f, dt = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_dtype
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, d)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, d)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dt, f)
+        if cfg.mlp_bias:
+            self.gate_bias = _param(rngs, (f,), ("mlp",), dt, 0)
+            self.up_bias = _param(rngs, (f,), ("mlp",), dt, 0)
+            self.down_bias = _param(rngs, (d,), ("embed",), dt, 0)
+        self.mlp_bias = cfg.mlp_bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = x @ self.gate_proj[...]
+        up = x @ self.up_proj[...]
+        if self.mlp_bias:
+            gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
+        out = (jax.nn.silu(gate) * up) @ self.down_proj[...]
+        return out + self.down_bias[...] if self.mlp_bias else out
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+
+class Llama(nnx.Module):
+    """Decoder-only LM. ``model(tokens, positions, cache) -> (logits, cache)``."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        dt = cfg.jnp_dtype
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt, 1)
+        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt, cfg.hidden_size)
+
+    def init_cache(self, batch: int, capacity: int, keys_pre_rope: bool = False) -> KVCache:
+        cfg = self.config
+        return init_cache(
+            cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype, keys_pre_rope
+        )
+
+    def rope_tables(self, seq_len: jax.Array | int) -> tuple[jax.Array, jax.Array | float]:
+        cfg = self.config
+        return rope_ops.rope_frequencies(
+            cfg.rope_variant, cfg.head_dim, cfg.rope_base, dict(cfg.rope_params), seq_len=seq_len
+        )
+
+    def hidden_states(
+        self,
+        tokens: Int[Array, "B T"],
+        positions: Int[Array, "B T"],
+        cache: KVCache,
+        *,
+        num_valid: Int[Array, ""] | int | None = None,
+        rope_seq_len: Int[Array, ""] | int | None = None,
+    ) -> tuple[Float[Array, "B T D"], KVCache]:
+        """Run the decoder on ``T`` new tokens written into the cache after its ``length`` filled slots.
+
+        ``num_valid`` (default ``T``) counts the real tokens when the chunk is right-padded to a static shape:
+        the cache length advances by it, and padded slots are overwritten by the next call. ``rope_seq_len``
+        is the length that length-dependent RoPE variants (dynamic NTK, LongRoPE) scale for; by default the
+        largest real position + 1, what transformers uses.
+        """
+        cfg = self.config
+        batch, seq = tokens.shape
+        chex.assert_shape(positions, (batch, seq))
+        chex.assert_type([tokens, positions], [int, int])
+        if cache.keys.shape[1] != batch:
+            raise ValueError(f"cache batch {cache.keys.shape[1]} != tokens batch {batch}")
+        if seq > cache.capacity:
+            raise ValueError(f"{seq} new tokens exceed the cache capacity {cache.capacity}")
+        num_valid = jnp.asarray(seq if num_valid is None else num_valid, jnp.int32)
+        positions = positions.astype(jnp.int32)
+        if rope_seq_len is None:
+            real = jnp.arange(seq) < num_valid
+            rope_seq_len = jnp.max(jnp.where(real[None], positions, 0)) + 1
+        inv_freq, attention_factor = self.rope_tables(rope_seq_len)
+
+        start = cache.length
+        cache_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (jnp.int32(0), start))
+        keys, values = cache.keys, cache.values
+        x = self.embed[...][tokens]
+        for index, block in enumerate(self.layers):
+            q, k, v = block.attn.project_qkv(block.input_norm(x))
+            q = rope_ops.apply_rope(q, positions, inv_freq, attention_factor)
+            if not cache.keys_pre_rope:
+                k = rope_ops.apply_rope(k, positions, inv_freq, attention_factor)
+            keys, values = write_layer(keys, values, index, start, k, v)
+            layer_keys = keys[index]
+            if cache.keys_pre_rope:
+                layer_keys = rope_ops.apply_rope(layer_keys, cache_positions, inv_freq, attention_factor)
+            attn = chunked_attention(
+                q,
+                layer_keys,
+                values[index],
+                q_offset=start,
+                kv_length=start + seq,
+                window=cfg.sliding_window,
+                q_chunk=cfg.q_chunk,
+            )
+            x = x + block.attn.output(attn)
+            x = x + block.mlp(block.post_attention_norm(x))
+        x = self.final_norm(x)
+        new_cache = dataclasses.replace(
+            cache, keys=keys, values=values, positions=cache_positions, length=start + num_valid
+        )
+        return x, new_cache
+
+    def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
+        """LM head; call it only where logits are needed (one position when generating)."""
+        if self.config.tie_embeddings:
+            return jnp.einsum("...d,vd->...v", hidden, self.embed[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
+
+    def __call__(
+        self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: KVCache | None = None, **kwargs: Any
+    ) -> tuple[Float[Array, "B T V"], KVCache]:
+        if cache is None:
+            cache = self.init_cache(tokens.shape[0], tokens.shape[1])
+        hidden, cache = self.hidden_states(tokens, positions, cache, **kwargs)
+        return self.logits(hidden), cache
+
+
+def forward(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens: Int[Array, "B T"],
+    positions: Int[Array, "B T"],
+    cache: KVCache,
+) -> tuple[Float[Array, "B T V"], KVCache]:
+    """The model as a pure function: ``forward(*nnx.split(model), tokens, positions, cache)``."""
+    return nnx.merge(graphdef, params)(tokens, positions, cache)
+
+
+def abstract_model(cfg: LlamaConfig) -> Llama:
+    """Shapes and sharding metadata only, no memory: the first step of a sharded or checkpoint init."""
+    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+
+
+def param_count(model: Llama) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def map_params(model: Llama, fn: Callable[[tuple[str, ...], Any], jax.Array]) -> Llama:
+    """A copy of ``model`` with each parameter replaced by ``fn(path, old)`` (path as strings)."""
+    graphdef, state = nnx.split(model)
+
+    def replace(path: tuple[Any, ...], leaf: Any) -> Any:
+        names = tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+        return fn(names[:-1] if names[-1] == "value" else names, leaf)
+
+    state = jax.tree_util.tree_map_with_path(replace, state)
+    return nnx.merge(graphdef, state)
