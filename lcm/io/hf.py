@@ -20,8 +20,14 @@ from lcm.models.llama import Llama, LlamaConfig, abstract_model, map_params
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # transformers' rope_type -> lcm's variant name (they coincide except the spelling of the default)
-_ROPE_TYPES = {"default": "default", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn", "llama3": "llama3",
-               "longrope": "longrope"}
+_ROPE_TYPES = {
+    "default": "default",
+    "linear": "linear",
+    "dynamic": "dynamic",
+    "yarn": "yarn",
+    "llama3": "llama3",
+    "longrope": "longrope",
+}
 _ROPE_KEYS_DROPPED = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
 
 

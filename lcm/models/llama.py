@@ -53,14 +53,22 @@ class LlamaConfig:
     mlp_bias: bool = False  # biases in the MLP
     sliding_window: int | None = None  # Mistral's attention window in tokens; None = full causal
     dtype: str = "float32"  # activation and parameter dtype: float32 | bfloat16 | float16
-    q_chunk: int = 512  # attention query-chunk size (memory O(q_chunk x context))
+    attention_q_block: int = 256  # query rows per attention tile (chunked XLA attention)
+    attention_kv_block: int = 256  # keys per attention tile; fully masked tiles are skipped
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             if self.hidden_size % self.num_heads:
                 raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.num_heads % self.num_kv_heads:
@@ -182,9 +190,7 @@ class Llama(nnx.Module):
 
     def init_cache(self, batch: int, capacity: int, keys_pre_rope: bool = False) -> KVCache:
         cfg = self.config
-        return init_cache(
-            cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype, keys_pre_rope
-        )
+        return init_cache(cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype, keys_pre_rope)
 
     def rope_tables(self, seq_len: jax.Array | int) -> tuple[jax.Array, jax.Array | float]:
         cfg = self.config
@@ -243,7 +249,8 @@ class Llama(nnx.Module):
                 q_offset=start,
                 kv_length=start + seq,
                 window=cfg.sliding_window,
-                q_chunk=cfg.q_chunk,
+                q_block=cfg.attention_q_block,
+                kv_block=cfg.attention_kv_block,
             )
             x = x + block.attn.output(attn)
             x = x + block.mlp(block.post_attention_norm(x))
@@ -260,7 +267,11 @@ class Llama(nnx.Module):
         return jnp.einsum("...d,dv->...v", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
 
     def __call__(
-        self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: KVCache | None = None, **kwargs: Any
+        self,
+        tokens: Int[Array, "B T"],
+        positions: Int[Array, "B T"],
+        cache: KVCache | None = None,
+        **kwargs: Any,
     ) -> tuple[Float[Array, "B T V"], KVCache]:
         if cache is None:
             cache = self.init_cache(tokens.shape[0], tokens.shape[1])
@@ -298,3 +309,9 @@ def map_params(model: Llama, fn: Callable[[tuple[str, ...], Any], jax.Array]) ->
 
     state = jax.tree_util.tree_map_with_path(replace, state)
     return nnx.merge(graphdef, state)
+
+
+def with_config(model: Llama, cfg: LlamaConfig) -> Llama:
+    """The same parameters under another config (e.g. another RoPE variant); shapes must agree."""
+    graphdef, _ = nnx.split(abstract_model(cfg))
+    return nnx.merge(graphdef, nnx.state(model))

@@ -8,9 +8,9 @@ positions (TokenSelect, InfiniPot) without touching the mask.
 GQA is computed without repeating keys and values: query heads are grouped as ``[kv_head, group]``, the
 grouping transformers uses (query head ``h`` reads KV head ``h // (H / H_kv)``).
 
-``chunked_attention`` processes queries in chunks of ``q_chunk`` (a ``lax.map`` over chunks) so the score
-tensor is ``O(q_chunk x S)`` rather than ``O(T x S)``: a 16k prefill never materialises a 16k x 16k matrix.
-Softmax statistics are kept in float32 whatever the input dtype.
+``chunked_attention`` is the fast XLA path: query blocks x key blocks with an online softmax, fully masked key
+blocks skipped; a 16k prefill never materialises a 16k x 16k matrix. Softmax statistics are kept in float32
+whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ _NEG_INF = -1e30  # finite, so rows with no visible key (padding) give zeros rat
 
 
 def visibility_mask(
-    q_slots: Int[Array, "T"], k_slots: Int[Array, "S"], kv_length: Int[Array, ""] | int, window: int | None
+    q_slots: Int[Array, " T"], k_slots: Int[Array, " S"], kv_length: Int[Array, ""] | int, window: int | None
 ) -> jax.Array:
     """Boolean ``[T, S]``: may the query in slot ``q_slots[t]`` attend to key slot ``k_slots[s]``."""
     q = q_slots[:, None]
@@ -59,27 +59,6 @@ def reference_attention(
     return out.astype(q.dtype)
 
 
-def _attend_block(
-    q_BxTxKxGxD: jax.Array,
-    k_BxSxKxD: jax.Array,
-    v_BxSxKxD: jax.Array,
-    q_slots_T: jax.Array,
-    kv_length: jax.Array,
-    window: int | None,
-    scale: float,
-) -> jax.Array:
-    scores_BxKxGxTxS = jnp.einsum(
-        "btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32
-    )
-    scores_BxKxGxTxS = scores_BxKxGxTxS * scale
-    mask_TxS = visibility_mask(q_slots_T, jnp.arange(k_BxSxKxD.shape[1]), kv_length, window)
-    scores_BxKxGxTxS = jnp.where(mask_TxS, scores_BxKxGxTxS, _NEG_INF)
-    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1)
-    probs = jnp.where(mask_TxS.any(-1, keepdims=True), probs, 0.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BxSxKxD.dtype), v_BxSxKxD, preferred_element_type=jnp.float32)
-    return out
-
-
 def chunked_attention(
     q: Float[Array, "B T H D"],
     k: Float[Array, "B S K D"],
@@ -89,40 +68,78 @@ def chunked_attention(
     kv_length: Int[Array, ""] | int | None = None,
     window: int | None = None,
     scale: float | None = None,
-    q_chunk: int = 512,
+    q_block: int = 256,
+    kv_block: int = 256,
 ) -> Float[Array, "B T H D"]:
-    """Causal GQA attention of ``T`` queries (slots ``q_offset…``) over a cache of ``S`` key slots.
+    """Causal GQA attention of ``T`` queries (slots ``q_offset…``) over ``S`` cached key slots, flash-style.
 
-    Memory is ``O(min(T, q_chunk) x S)`` per layer. ``T`` need not be a multiple of ``q_chunk``: the tail is
-    padded and dropped.
+    Queries are processed in blocks of ``q_block`` (``lax.map``); for each, an online softmax (Milakov &
+    Gimelshein 2018; Dao et al. 2022) runs over key blocks of ``kv_block`` with a *dynamic* trip count, so key
+    blocks that are entirely masked — beyond the causal diagonal, beyond ``kv_length`` (the empty tail of the
+    cache) or before a sliding window — cost nothing. Tiles stay small enough for the CPU's cache; a query block
+    of 256 rows x 3 grouped heads against 256 keys is a 768 KiB score tile. Memory is ``O(q_block x S)`` at
+    most. Inference only: the dynamic loop has no reverse-mode derivative (use :func:`reference_attention` to
+    differentiate).
     """
     batch, q_len, num_heads, head_dim = q.shape
+    cap = k.shape[1]
     num_kv_heads = k.shape[2]
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"incompatible shapes q={q.shape} k={k.shape} v={v.shape}")
     group = num_heads // num_kv_heads
-    kv_length = jnp.asarray(k.shape[1] if kv_length is None else kv_length, jnp.int32)
+    kv_length = jnp.asarray(cap if kv_length is None else kv_length, jnp.int32)
+    q_offset = jnp.asarray(q_offset, jnp.int32)
     scale = head_dim**-0.5 if scale is None else scale
-    q_BxTxKxGxD = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
-    q_slots = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)
+    q_block = min(q_block, q_len)
+    kv_block = min(kv_block, cap)
+    num_q = -(-q_len // q_block)
+    num_k = -(-cap // kv_block)
+    # pad to whole blocks; padded queries are dropped, padded keys lie beyond kv_length and are never read
+    q = jnp.pad(q, ((0, 0), (0, num_q * q_block - q_len), (0, 0), (0, 0)))
+    k = jnp.pad(k, ((0, 0), (0, num_k * kv_block - cap), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, num_k * kv_block - cap), (0, 0), (0, 0)))
+    kv_length = jnp.minimum(kv_length, cap)
 
-    if q_len <= q_chunk:
-        out = _attend_block(q_BxTxKxGxD, k, v, q_slots, kv_length, window, scale)
-        return out.reshape(q.shape).astype(q.dtype)
+    # [nq, B, K, G*qb, D]: rows of a query block ordered (group, query) so each KV head is one matmul
+    q_blocks = (q * jnp.asarray(scale, q.dtype)).reshape(batch, num_q, q_block, num_kv_heads, group, head_dim)
+    q_blocks = q_blocks.transpose(1, 0, 3, 4, 2, 5).reshape(num_q, batch, num_kv_heads, group * q_block, head_dim)
+    k_blocks = k.reshape(batch, num_k, kv_block, num_kv_heads, head_dim).transpose(1, 0, 3, 2, 4)
+    v_blocks = v.reshape(batch, num_k, kv_block, num_kv_heads, head_dim).transpose(1, 0, 3, 2, 4)
+    rows = group * q_block
 
-    num_chunks = -(-q_len // q_chunk)
-    pad = num_chunks * q_chunk - q_len
-    q_pad = jnp.pad(q_BxTxKxGxD, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-    slots_pad = jnp.concatenate([q_slots, q_slots[-1] + 1 + jnp.arange(pad, dtype=jnp.int32)])
-    q_chunks = q_pad.reshape(batch, num_chunks, q_chunk, num_kv_heads, group, head_dim).swapaxes(0, 1)
-    slot_chunks = slots_pad.reshape(num_chunks, q_chunk)
+    def one_query_block(i: jax.Array) -> jax.Array:
+        q_BxKxRxD = q_blocks[i]
+        first_slot = q_offset + i * q_block
+        q_slots_R = first_slot + jnp.tile(jnp.arange(q_block, dtype=jnp.int32), group)
+        end = jnp.minimum(first_slot + q_block, kv_length)  # keys at slots >= end are invisible to the block
+        stop = (end + kv_block - 1) // kv_block
+        begin = 0 if window is None else jnp.maximum(first_slot - window + 1, 0) // kv_block
 
-    def one_chunk(args: tuple[jax.Array, jax.Array]) -> jax.Array:
-        q_c, slots_c = args
-        return _attend_block(q_c, k, v, slots_c, kv_length, window, scale)
+        def one_key_block(j: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+            max_BxKxR, sum_BxKxR, acc_BxKxRxD = carry
+            scores = jnp.einsum("bkrd,bksd->bkrs", q_BxKxRxD, k_blocks[j], preferred_element_type=jnp.float32)
+            k_slots = j * kv_block + jnp.arange(kv_block, dtype=jnp.int32)
+            mask_RxS = visibility_mask(q_slots_R, k_slots, kv_length, window)
+            scores = jnp.where(mask_RxS, scores, _NEG_INF)
+            new_max = jnp.maximum(max_BxKxR, scores.max(-1))
+            probs = jnp.exp(scores - new_max[..., None])
+            correction = jnp.exp(max_BxKxR - new_max)
+            new_sum = sum_BxKxR * correction + probs.sum(-1)
+            pv = jnp.einsum("bkrs,bksd->bkrd", probs.astype(v.dtype), v_blocks[j], preferred_element_type=jnp.float32)
+            return new_max, new_sum, acc_BxKxRxD * correction[..., None] + pv
 
-    out = jax.lax.map(one_chunk, (q_chunks, slot_chunks))
-    out = out.swapaxes(0, 1).reshape(batch, num_chunks * q_chunk, num_heads, head_dim)[:, :q_len]
+        init = (
+            jnp.full((batch, num_kv_heads, rows), _NEG_INF, jnp.float32),
+            jnp.zeros((batch, num_kv_heads, rows), jnp.float32),
+            jnp.zeros((batch, num_kv_heads, rows, head_dim), jnp.float32),
+        )
+        _, total, acc = jax.lax.fori_loop(begin, stop, one_key_block, init)
+        # a row that saw no key (padding) has total 0: return zeros, as the reference does
+        return acc / jnp.where(total > 0, total, 1.0)[..., None]
+
+    out = jax.lax.map(one_query_block, jnp.arange(num_q))  # [nq, B, K, G*qb, D]
+    out = out.reshape(num_q, batch, num_kv_heads, group, q_block, head_dim).transpose(1, 0, 4, 2, 3, 5)
+    out = out.reshape(batch, num_q * q_block, num_heads, head_dim)[:, :q_len]
     return out.astype(q.dtype)

@@ -1,0 +1,63 @@
+"""Perplexity versus length.
+
+``nll`` at length ``n`` is the mean negative log-likelihood of the ``n - 1`` next-token predictions over the
+first ``n`` tokens of a text (no BOS is added unless the tokenizer adds one). For texts longer than the context,
+:func:`sliding_window_nll` follows the strided evaluation of transformers' perplexity guide: windows of
+``length`` tokens advanced by ``stride``, each token scored once, with up to ``length - stride`` tokens of
+context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from lcm.generate import Engine
+
+
+@dataclasses.dataclass(frozen=True)
+class PerplexityResult:
+    length: int
+    nll: float
+    n_tokens: int  # number of scored predictions
+
+    @property
+    def ppl(self) -> float:
+        return float(np.exp(self.nll))
+
+    def to_dict(self) -> dict:
+        return {"length": self.length, "nll": self.nll, "ppl": self.ppl, "n_tokens": self.n_tokens}
+
+
+def prefix_nll(engine: Engine, ids: np.ndarray, length: int) -> PerplexityResult:
+    """Mean NLL of the first ``length`` tokens of ``ids``; an error if the text is shorter."""
+    ids = np.asarray(ids)
+    if length < 2:
+        raise ValueError(f"length={length} must be at least 2")
+    if ids.shape[-1] < length:
+        raise ValueError(f"the text has {ids.shape[-1]} tokens, fewer than the requested length {length}")
+    nlls = engine.token_nlls(ids[:length][None])
+    return PerplexityResult(length=length, nll=float(nlls.mean()), n_tokens=int(nlls.size))
+
+
+def perplexity_vs_length(engine: Engine, ids: np.ndarray, lengths: list[int]) -> list[PerplexityResult]:
+    return [prefix_nll(engine, ids, n) for n in lengths]
+
+
+def sliding_window_nll(engine: Engine, ids: np.ndarray, length: int, stride: int) -> PerplexityResult:
+    """Every token of ``ids`` after the first scored once, in windows of ``length`` advanced by ``stride``."""
+    ids = np.asarray(ids)
+    if not 0 < stride <= length:
+        raise ValueError(f"stride={stride} must be in (0, length={length}]")
+    total, count, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.shape[-1] - 1, stride):
+        end = min(begin + length, ids.shape[-1])
+        new = end - max(prev_end, begin + 1)  # tokens not scored by an earlier window
+        nlls = engine.token_nlls(ids[begin:end][None])[0]
+        total += float(nlls[-new:].sum())
+        count += new
+        prev_end = end
+        if end == ids.shape[-1]:
+            break
+    return PerplexityResult(length=length, nll=total / count, n_tokens=count)

@@ -1,0 +1,180 @@
+"""Chunked prefill, greedy decoding and per-token NLL over the model's explicit KV cache.
+
+Every jitted function here takes the model as ``(graphdef, params)`` with ``graphdef`` static, so one compiled
+program serves every prompt of the same (chunk, capacity) shape: prompts are processed in fixed chunks of
+``chunk_size`` tokens (the last one right-padded, ``num_valid`` saying how many are real) and the cache capacity is
+rounded up to a multiple of the chunk. Decoding compiles one step per capacity and is reused token after token;
+the cache is donated so XLA updates it in place. Attention memory is ``O(chunk x capacity)``, never
+``O(context^2)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lcm.cache.kv import KVCache
+from lcm.models.llama import Llama
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+def _prefill_chunk(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens_BxC: jax.Array,
+    positions_BxC: jax.Array,
+    num_valid: jax.Array,
+    rope_seq_len: jax.Array,
+    cache: KVCache,
+) -> tuple[jax.Array, KVCache]:
+    model = nnx.merge(graphdef, params)
+    hidden_BxCxD, cache = model.hidden_states(
+        tokens_BxC, positions_BxC, cache, num_valid=num_valid, rope_seq_len=rope_seq_len
+    )
+    last_BxD = jax.lax.dynamic_index_in_dim(hidden_BxCxD, num_valid - 1, axis=1, keepdims=False)
+    return model.logits(last_BxD), cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+def _nll_chunk(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens_BxC: jax.Array,
+    targets_BxC: jax.Array,
+    positions_BxC: jax.Array,
+    num_valid: jax.Array,
+    rope_seq_len: jax.Array,
+    cache: KVCache,
+) -> tuple[jax.Array, KVCache]:
+    model = nnx.merge(graphdef, params)
+    hidden_BxCxD, cache = model.hidden_states(
+        tokens_BxC, positions_BxC, cache, num_valid=num_valid, rope_seq_len=rope_seq_len
+    )
+    logits_BxCxV = model.logits(hidden_BxCxD)
+    logprobs = jax.nn.log_softmax(logits_BxCxV, axis=-1)
+    nll_BxC = -jnp.take_along_axis(logprobs, targets_BxC[..., None], axis=-1)[..., 0]
+    return nll_BxC, cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+def _decode_step(
+    graphdef: nnx.GraphDef, params: nnx.State, token_B: jax.Array, position_B: jax.Array, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
+    model = nnx.merge(graphdef, params)
+    hidden_Bx1xD, cache = model.hidden_states(token_B[:, None], position_B[:, None], cache)
+    logits_BxV = model.logits(hidden_Bx1xD[:, 0])
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), cache
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass
+class Engine:
+    """A model ready for inference: split once, jitted functions cached per shape.
+
+    ``chunk_size`` is the prefill chunk (and the granularity of cache capacities); ``keys_pre_rope`` stores
+    keys unrotated in the cache (for policies that renumber positions).
+    """
+
+    model: Llama
+    chunk_size: int = 512
+    keys_pre_rope: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chunk_size <= 0:
+            raise ValueError(f"chunk_size={self.chunk_size} must be positive")
+        self.graphdef, self.params = nnx.split(self.model)
+        self.config = self.model.config
+
+    def _check_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be a non-empty [batch, length] array, got shape {tokens.shape}")
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise ValueError(
+                f"token ids must lie in [0, {self.config.vocab_size}), got [{tokens.min()}, {tokens.max()}]"
+            )
+        return tokens.astype(np.int32)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return self.model.init_cache(batch, _round_up(capacity, self.chunk_size), self.keys_pre_rope)
+
+    def _chunks(self, length: int) -> list[tuple[int, int]]:
+        return [(s, min(self.chunk_size, length - s)) for s in range(0, length, self.chunk_size)]
+
+    def prefill(self, tokens: np.ndarray, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Feed ``tokens [B, T]`` (positions ``0…T-1``) chunk by chunk; logits ``[B, V]`` at the last one."""
+        tokens = self._check_tokens(tokens)
+        batch, length = tokens.shape
+        if length > cache.capacity:
+            raise ValueError(f"prompt of {length} tokens exceeds the cache capacity {cache.capacity}")
+        rope_seq_len = jnp.int32(length)  # one scale for the whole prompt, as a single transformers forward
+        logits = None
+        for start, n in self._chunks(length):
+            chunk = np.zeros((batch, self.chunk_size), np.int32)
+            chunk[:, :n] = tokens[:, start : start + n]
+            positions = np.broadcast_to(np.arange(start, start + self.chunk_size, dtype=np.int32), chunk.shape)
+            logits, cache = _prefill_chunk(
+                self.graphdef, self.params, chunk, positions, jnp.int32(n), rope_seq_len, cache
+            )
+        return logits, cache
+
+    def generate(self, tokens: np.ndarray, max_new_tokens: int, stop_ids: Sequence[int] = ()) -> np.ndarray:
+        """Greedy continuation ``[B, <= max_new_tokens]`` of equal-length prompts ``[B, T]``.
+
+        Decoding stops early once every row has produced a token in ``stop_ids`` (the stop token is kept).
+        """
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
+        tokens = self._check_tokens(tokens)
+        batch, length = tokens.shape
+        cache = self.new_cache(batch, length + max_new_tokens)
+        logits, cache = self.prefill(tokens, cache)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        out = [np.asarray(token)]
+        done = np.isin(out[-1], list(stop_ids))
+        for step in range(1, max_new_tokens):
+            if done.all():
+                break
+            position = jnp.full((batch,), length + step - 1, jnp.int32)
+            token, cache = _decode_step(self.graphdef, self.params, token, position, cache)
+            out.append(np.asarray(token))
+            done |= np.isin(out[-1], list(stop_ids))
+        return np.stack(out, axis=1)
+
+    def token_nlls(self, tokens: np.ndarray) -> np.ndarray:
+        """``[B, T-1]`` negative log-likelihoods of tokens ``1…T-1`` given their prefixes (one causal pass)."""
+        tokens = self._check_tokens(tokens)
+        batch, length = tokens.shape
+        if length < 2:
+            raise ValueError(f"need at least 2 tokens for a next-token NLL, got {length}")
+        cache = self.new_cache(batch, length)
+        rope_seq_len = jnp.int32(length)
+        targets_all = np.concatenate([tokens[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
+        nlls = []
+        for start, n in self._chunks(length):
+            chunk = np.zeros((batch, self.chunk_size), np.int32)
+            targets = np.zeros_like(chunk)
+            chunk[:, :n] = tokens[:, start : start + n]
+            targets[:, :n] = targets_all[:, start : start + n]
+            positions = np.broadcast_to(np.arange(start, start + self.chunk_size, dtype=np.int32), chunk.shape)
+            nll, cache = _nll_chunk(
+                self.graphdef, self.params, chunk, targets, positions, jnp.int32(n), rope_seq_len, cache
+            )
+            nlls.append(np.asarray(nll[:, :n]))
+        return np.concatenate(nlls, axis=1)[:, : length - 1]
+
+    def with_model(self, model: Llama) -> Engine:
+        return Engine(model, chunk_size=self.chunk_size, keys_pre_rope=self.keys_pre_rope)
