@@ -1,0 +1,244 @@
+"""``lcm``: the command line. Thin by design: every command calls functions that notebooks can import.
+
+    lcm run CONFIG[:ARG] [--config.x=y ...]
+    lcm fetch-model NAME
+    lcm eval perplexity --model M --input FILE --length N [--stride S] [--rope SPEC] [--json]
+    lcm eval passkey --model M --lengths 2048,8192 --trials 10 [--depth 0.5] [--seed 0] [--rope SPEC] [--json]
+    lcm eval niah --model M --lengths ... --depths ... [--haystack FILE] --out DIR [--rope SPEC] [--json]
+
+Bad input (unknown RoPE variant, missing parameter, corrupt checkpoint, missing file) is one line on stderr and
+exit code 2. With ``--json`` the last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """An error in what the user asked for: reported in one line, exit code 2."""
+
+
+def _enable_compilation_cache() -> None:
+    """Persistent XLA cache so a second run compiles nothing it compiled before (``LCM_COMPILE_CACHE``)."""
+    import jax
+
+    default = Path(os.environ.get("LCM_CACHE_DIR", Path.home() / ".cache" / "lcm")) / "xla"
+    jax.config.update("jax_compilation_cache_dir", os.environ.get("LCM_COMPILE_CACHE", str(default)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) < 0 or max(values) > 1:
+        raise argparse.ArgumentTypeError(f"depths must lie in [0, 1], got {text!r}")
+    return values
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from lcm.evals.suite import context_warning, model_with_rope
+    from lcm.generate import Engine
+    from lcm.io.checkpoints import load_model
+    from lcm.ops.rope import parse_rope_spec
+
+    if args.rope not in ("none", "default", ""):
+        parse_rope_spec(args.rope)  # fail on an unknown variant before loading weights
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model = model_with_rope(model, args.rope)
+    lengths = getattr(args, "lengths", None) or [getattr(args, "length", 0)]
+    warning = context_warning(model, args.rope, lengths)
+    if warning:
+        print(warning, file=sys.stderr)
+    return model, tokenizer, Engine(model, chunk_size=args.chunk_size)
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], human: str) -> None:
+    print(human)
+    if args.json:
+        print(json.dumps(payload))
+
+
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from lcm.evals import perplexity, texts
+
+    text = texts.read_text(args.input)
+    _, tokenizer, engine = _load(args)
+    ids = np.array(tokenizer.encode(text))
+    if args.stride:
+        result = perplexity.sliding_window_nll(engine, ids, args.length, args.stride)
+    else:
+        result = perplexity.prefix_nll(engine, ids, args.length)
+    payload = {**result.to_dict(), "model": args.model, "rope": args.rope, "input": args.input}
+    _emit(args, payload, f"nll {result.nll:.4f}  ppl {result.ppl:.3f}  over {result.n_tokens} predictions")
+
+
+def cmd_passkey(args: argparse.Namespace) -> None:
+    from lcm.evals import passkey
+
+    _, tokenizer, engine = _load(args)
+    acc, trials = passkey.run_passkey(
+        engine,
+        tokenizer,
+        args.lengths,
+        args.trials,
+        args.depth,
+        args.seed,
+        progress=lambda t: print(
+            f"  {t.length}: key {t.key} -> {t.output.strip()[:40]!r} {'ok' if t.correct else 'MISS'}", file=sys.stderr
+        ),
+    )
+    payload = {
+        "accuracy": {str(n): a for n, a in acc.items()},
+        "trials": args.trials,
+        "model": args.model,
+        "rope": args.rope,
+        "outputs": [t.__dict__ for t in trials],
+    }
+    _emit(args, payload, "passkey accuracy: " + ", ".join(f"{n}: {a:.0%}" for n, a in acc.items()))
+
+
+def cmd_niah(args: argparse.Namespace) -> None:
+    from lcm.evals import niah, texts
+
+    haystack = texts.read_text(args.haystack) if args.haystack else texts.stdlib_prose()
+    _, tokenizer, engine = _load(args)
+    task = niah.NeedleTask(
+        needle=args.needle, question=args.question, answer=args.answer, answer_prefix=args.answer_prefix
+    )
+    results = niah.run_niah(engine, tokenizer, haystack, args.lengths, args.depths, task=task)
+    payload = niah.save_niah(results, args.out, title=f"NIAH {args.model}, RoPE {args.rope}")
+    grid = "\n".join(
+        f"depth {d:>4.0%}: " + "  ".join(f"{s:.2f}" for s in row)
+        for d, row in zip(payload["depths"], payload["scores"])
+    )
+    payload = {k: payload[k] for k in ("lengths", "depths", "scores", "mean_score")} | {"out": str(args.out)}
+    _emit(args, payload, f"lengths {payload['lengths']}\n{grid}\nwrote {args.out}/niah.png and niah.json")
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from lcm.io.fetch import model_path
+
+    print(model_path(args.name, download=True))
+
+
+JOBS: dict[str, Callable[..., Any]] = {}
+
+
+def _jobs() -> dict[str, Callable[..., Any]]:
+    from lcm.evals.suite import run_suite
+
+    return {"long_context_suite": run_suite, **JOBS}
+
+
+def cmd_run(args: argparse.Namespace, overrides: Sequence[str]) -> None:
+    from lcm.config import load_config
+
+    cfg = load_config(args.config, overrides)
+    jobs = _jobs()
+    if cfg.job not in jobs:
+        raise BadInput(f"unknown job {cfg.job!r} in {args.config}; choose one of {sorted(jobs)}")
+    jobs[cfg.job](cfg)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="registered name, a .gguf file or an HF folder")
+    p.add_argument("--rope", default="none", help="none | VARIANT[:key=value,...], e.g. yarn:factor=2")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lcm", description="long-context methods for LMs in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment config (--config.x=y overrides)")
+    run.add_argument("config", help="path to a config file, optionally PATH:ARG")
+    fetch = sub.add_parser("fetch-model", help="download a registered model into the cache")
+    fetch.add_argument("name")
+    ev = sub.add_parser("eval", help="run one evaluation")
+    evs = ev.add_subparsers(dest="eval", required=True)
+
+    p = evs.add_parser("perplexity", help="mean NLL of the first LENGTH tokens of a text")
+    _add_model_args(p)
+    p.add_argument("--input", required=True, help="UTF-8 text file")
+    p.add_argument("--length", type=int, required=True)
+    p.add_argument("--stride", type=int, default=0, help="sliding-window evaluation of the whole text")
+    p.set_defaults(func=cmd_perplexity)
+
+    p = evs.add_parser("passkey", help="passkey retrieval accuracy per length")
+    _add_model_args(p)
+    p.add_argument("--lengths", type=_int_list, required=True)
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--depth", type=float, default=None, help="needle depth in [0, 1]; default random per trial")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_passkey)
+
+    from lcm.evals.niah import ANSWER, ANSWER_PREFIX, NEEDLE, QUESTION
+
+    p = evs.add_parser("niah", help="needle in a haystack over lengths x depths")
+    _add_model_args(p)
+    p.add_argument("--lengths", type=_int_list, required=True)
+    p.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--haystack", default="", help="text file (default: the Python reference docs)")
+    p.add_argument("--out", required=True, help="folder for niah.png and niah.json")
+    p.add_argument("--needle", default=NEEDLE)
+    p.add_argument("--question", default=QUESTION)
+    p.add_argument("--answer", default=ANSWER)
+    p.add_argument("--answer-prefix", default=ANSWER_PREFIX)
+    p.set_defaults(func=cmd_niah)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    overrides = [a for a in argv if a.startswith("--config.")]
+    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    try:
+        if args.command == "fetch-model":
+            cmd_fetch(args)
+            return 0
+        _enable_compilation_cache()
+        if args.command == "run":
+            cmd_run(args, overrides)
+        else:
+            if overrides:
+                raise BadInput(f"--config.* overrides apply to `lcm run` only, got {overrides[0]!r}")
+            if getattr(args, "trials", 1) <= 0:
+                raise BadInput(f"--trials={args.trials} must be positive")
+            if getattr(args, "depth", None) is not None and not 0 <= args.depth <= 1:
+                raise BadInput(f"--depth={args.depth} must lie in [0, 1]")
+            args.func(args)
+    except (BadInput, ValueError, FileNotFoundError) as err:
+        message = err.args[0] if err.args else str(err)
+        print(f"lcm: error: {message}".splitlines()[0], file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The long-context suite behind ``lcm run``: passkey, NIAH and perplexity versus length, per RoPE variant.
+
+One model is loaded once; each RoPE variant is the same parameters under another config (no copy). Results go to
+``out_dir``: ``results.json`` (everything, trial by trial), ``results.md`` (the table), ``perplexity.png``,
+``passkey.png`` and ``niah_<variant>/niah.{json,png}``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from lcm.evals import niah, passkey, perplexity, texts
+from lcm.generate import Engine
+from lcm.io.checkpoints import load_model
+from lcm.models.llama import Llama, with_config
+from lcm.ops.rope import parse_rope_spec
+
+
+def model_with_rope(model: Llama, spec: str) -> Llama:
+    """``spec`` is ``none``/``default`` or ``VARIANT[:k=v,...]`` (see :func:`lcm.ops.rope.parse_rope_spec`)."""
+    if spec in ("none", "default", ""):
+        return model
+    variant, params = parse_rope_spec(spec)
+    return with_config(model, model.config.with_rope(variant, params))
+
+
+def context_warning(model: Llama, rope_spec: str, lengths: list[int]) -> str | None:
+    trained = model.config.max_position_embeddings
+    if rope_spec in ("none", "default", "") and lengths and max(lengths) > trained:
+        return (
+            f"warning: lengths up to {max(lengths)} exceed the model's trained context of {trained} tokens "
+            "without RoPE scaling (allowed: this is the extrapolation baseline)"
+        )
+    return None
+
+
+def _plot(out: Path, results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rope, rows in results["perplexity"].items():
+        ax.plot([r["length"] for r in rows], [r["ppl"] for r in rows], marker="o", label=rope)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"{results['model']}: perplexity vs length")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "perplexity.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rope, acc in results["passkey"].items():
+        lengths = sorted(int(n) for n in acc)
+        ax.plot(lengths, [acc[str(n)] for n in lengths], marker="o", label=rope)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_title(f"{results['model']}: passkey retrieval")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "passkey.png", dpi=120)
+    plt.close(fig)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    ropes = list(results["passkey"] or results["perplexity"])
+    pk_lengths = sorted({int(n) for acc in results["passkey"].values() for n in acc})
+    ppl_lengths = sorted({r["length"] for rows in results["perplexity"].values() for r in rows})
+    header = ["RoPE"] + [f"passkey {n}" for n in pk_lengths] + [f"ppl {n}" for n in ppl_lengths]
+    if results["niah"]:
+        header.append("NIAH mean")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rope in ropes:
+        row = [f"`{rope}`"]
+        acc = results["passkey"].get(rope, {})
+        row += [f"{acc[str(n)]:.0%}" if str(n) in acc else "" for n in pk_lengths]
+        ppl = {r["length"]: r["ppl"] for r in results["perplexity"].get(rope, [])}
+        row += [f"{ppl[n]:.2f}" if n in ppl else "" for n in ppl_lengths]
+        if results["niah"]:
+            row.append(f"{results['niah'][rope]['mean_score']:.2f}" if rope in results["niah"] else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def run_suite(cfg: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict[str, Any]:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    results: dict[str, Any] = {
+        "model": cfg.model,
+        "config": cfg.to_dict(),
+        "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.machine()}, {platform.processor()})",
+        "versions": {"python": sys.version.split()[0], "jax": jax.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+        "passkey": {},
+        "perplexity": {},
+        "niah": {},
+        "seconds": {},
+    }
+    code_ids = None
+    if cfg.perplexity.lengths:
+        text = texts.read_text(cfg.perplexity.input) if cfg.perplexity.input else texts.stdlib_code()
+        code_ids = np.array(tokenizer.encode(text))
+    haystack = None
+    if cfg.niah.lengths:
+        haystack = texts.read_text(cfg.niah.haystack) if cfg.niah.haystack else texts.stdlib_prose()
+
+    for rope in cfg.rope:
+        engine = Engine(model_with_rope(model, rope), chunk_size=cfg.chunk_size)
+        all_lengths = list(cfg.passkey.lengths) + list(cfg.niah.lengths) + list(cfg.perplexity.lengths)
+        warning = context_warning(model, rope, all_lengths)
+        if warning:
+            log(warning)
+        t0 = time.time()
+        if cfg.passkey.lengths:
+            bar = tqdm(total=len(cfg.passkey.lengths) * cfg.passkey.trials, desc=f"passkey [{rope}]", leave=False)
+            depth = None if cfg.passkey.depth < 0 else cfg.passkey.depth
+            acc, trials = passkey.run_passkey(
+                engine,
+                tokenizer,
+                list(cfg.passkey.lengths),
+                cfg.passkey.trials,
+                depth,
+                cfg.passkey.seed,
+                progress=lambda _: bar.update(),
+            )
+            bar.close()
+            results["passkey"][rope] = {str(n): a for n, a in acc.items()}
+            results.setdefault("passkey_trials", {})[rope] = [t.__dict__ for t in trials]
+            log(f"[{rope}] passkey accuracy: " + ", ".join(f"{n}: {a:.0%}" for n, a in acc.items()))
+        if cfg.niah.lengths:
+            grid = len(cfg.niah.lengths) * len(cfg.niah.depths)
+            bar = tqdm(total=grid, desc=f"niah [{rope}]", leave=False)
+            res = niah.run_niah(
+                engine,
+                tokenizer,
+                haystack,
+                list(cfg.niah.lengths),
+                list(cfg.niah.depths),
+                progress=lambda _: bar.update(),
+            )
+            bar.close()
+            payload = niah.save_niah(res, out / f"niah_{rope.replace(':', '_')}", title=f"NIAH, RoPE {rope}")
+            results["niah"][rope] = {k: payload[k] for k in ("lengths", "depths", "scores", "mean_score")}
+            log(f"[{rope}] NIAH mean answer recall: {payload['mean_score']:.2f}")
+        if cfg.perplexity.lengths:
+            rows = []
+            for n in tqdm(cfg.perplexity.lengths, desc=f"perplexity [{rope}]", leave=False):
+                rows.append(perplexity.prefix_nll(engine, code_ids, n).to_dict())
+            results["perplexity"][rope] = rows
+            log(f"[{rope}] perplexity: " + ", ".join(f"{r['length']}: {r['ppl']:.2f}" for r in rows))
+        results["seconds"][rope] = round(time.time() - t0, 1)
+    results["seconds"]["total"] = round(time.time() - started, 1)
+
+    table = markdown_table(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "results.md").write_text(
+        f"# {cfg.model} long-context suite\n\n{results['device']}, {results['date']}, "
+        f"{results['seconds']['total']} s in all\n\n{table}\n"
+    )
+    _plot(out, results)
+    log(table)
+    log(f"wrote {out}/results.md, results.json, perplexity.png, passkey.png")
+    return results
