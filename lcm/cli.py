@@ -133,7 +133,7 @@ def cmd_niah(args: argparse.Namespace) -> None:
     payload = niah.save_niah(results, args.out, title=f"NIAH {args.model}, RoPE {args.rope}")
     grid = "\n".join(
         f"depth {d:>4.0%}: " + "  ".join(f"{s:.2f}" for s in row)
-        for d, row in zip(payload["depths"], payload["scores"])
+        for d, row in zip(payload["depths"], payload["scores"], strict=True)
     )
     payload = {k: payload[k] for k in ("lengths", "depths", "scores", "mean_score")} | {"out": str(args.out)}
     _emit(args, payload, f"lengths {payload['lengths']}\n{grid}\nwrote {args.out}/niah.png and niah.json")

@@ -135,7 +135,7 @@ def save_niah(results: list[NeedleResult], out_dir: str | Path, title: str = "ne
         "trials": [dataclasses.asdict(r) for r in results],
     }
     (out / "niah.json").write_text(json.dumps(payload, indent=1))
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.45 * len(depths)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.9 * len(lengths)), max(3.0, 1.2 + 0.45 * len(depths))))
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])

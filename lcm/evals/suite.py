@@ -8,7 +8,9 @@ One model is loaded once; each RoPE variant is the same parameters under another
 from __future__ import annotations
 
 import json
+import os
 import platform
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -98,6 +100,17 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _write(out: Path, cfg: ml_collections.ConfigDict, results: dict[str, Any]) -> str:
+    table = markdown_table(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "results.md").write_text(
+        f"# {cfg.model} long-context suite\n\n{results['device']}, {results['date']}, "
+        f"{results['seconds']['total']} s in all, peak RSS {results['peak_rss_gib']} GiB\n\n{table}\n"
+    )
+    _plot(out, results)
+    return table
+
+
 def run_suite(cfg: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +119,7 @@ def run_suite(cfg: ml_collections.ConfigDict, log: Callable[[str], None] = print
     results: dict[str, Any] = {
         "model": cfg.model,
         "config": cfg.to_dict(),
-        "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.machine()}, {platform.processor()})",
+        "device": f"{jax.devices()[0].device_kind} ({platform.machine()}, {os.cpu_count()} cores)",
         "versions": {"python": sys.version.split()[0], "jax": jax.__version__},
         "date": time.strftime("%Y-%m-%d"),
         "passkey": {},
@@ -139,7 +152,7 @@ def run_suite(cfg: ml_collections.ConfigDict, log: Callable[[str], None] = print
                 cfg.passkey.trials,
                 depth,
                 cfg.passkey.seed,
-                progress=lambda _: bar.update(),
+                progress=lambda _, bar=bar: bar.update(),
             )
             bar.close()
             results["passkey"][rope] = {str(n): a for n, a in acc.items()}
@@ -154,7 +167,7 @@ def run_suite(cfg: ml_collections.ConfigDict, log: Callable[[str], None] = print
                 haystack,
                 list(cfg.niah.lengths),
                 list(cfg.niah.depths),
-                progress=lambda _: bar.update(),
+                progress=lambda _, bar=bar: bar.update(),
             )
             bar.close()
             payload = niah.save_niah(res, out / f"niah_{rope.replace(':', '_')}", title=f"NIAH, RoPE {rope}")
@@ -167,15 +180,9 @@ def run_suite(cfg: ml_collections.ConfigDict, log: Callable[[str], None] = print
             results["perplexity"][rope] = rows
             log(f"[{rope}] perplexity: " + ", ".join(f"{r['length']}: {r['ppl']:.2f}" for r in rows))
         results["seconds"][rope] = round(time.time() - t0, 1)
-    results["seconds"]["total"] = round(time.time() - started, 1)
-
-    table = markdown_table(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "results.md").write_text(
-        f"# {cfg.model} long-context suite\n\n{results['device']}, {results['date']}, "
-        f"{results['seconds']['total']} s in all\n\n{table}\n"
-    )
-    _plot(out, results)
+        results["seconds"]["total"] = round(time.time() - started, 1)
+        results["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        table = _write(out, cfg, results)  # after every variant, so a long run keeps what it finished
     log(table)
     log(f"wrote {out}/results.md, results.json, perplexity.png, passkey.png")
     return results

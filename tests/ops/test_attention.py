@@ -8,6 +8,7 @@ cache tail, sliding windows, decode, tiny blocks), jitted and eager, float32 and
 search over the same space.
 """
 
+import functools
 from typing import Any
 
 import chex
@@ -67,6 +68,13 @@ def _qkv(
     return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
+# Compiling dominates these tests on a CPU: the reference is always jitted (it is the comparator, not the code
+# under test), jitted functions are built once per static configuration so equal shapes reuse a compilation, and
+# q_offset/kv_length are traced arguments.
+_reference = jax.jit(reference_attention, static_argnames=("window",))
+
+
+@functools.cache
 def _chunked(window: int | None, q_block: int, kv_block: int, jit: bool):
     """``chunked_attention`` with static block sizes and window; ``q_offset``/``kv_length`` are traced under jit."""
 
@@ -95,7 +103,7 @@ CASES = {
 def test_reference_attention_matches_numpy_loops() -> None:
     for name, (batch, t, s, h, kh, d, q_offset, kv_length, window, _, _) in CASES.items():
         q, k, v = _qkv(1, batch, t, s, h, kh, d, jnp.float32)
-        ours = reference_attention(q, k, v, q_offset=q_offset, kv_length=kv_length, window=window)
+        ours = _reference(q, k, v, q_offset=q_offset, kv_length=kv_length, window=window)
         expected = _numpy_attention(np.asarray(q), np.asarray(k), np.asarray(v), q_offset, kv_length, window)
         # float32 einsum + softmax vs float64 loops: a few float32 ulp on values |x| < 4
         chex.assert_trees_all_close(np.asarray(ours, np.float64), expected, **F32_TOL, custom_message=name)
@@ -106,48 +114,56 @@ def test_rows_with_no_visible_key_are_zero() -> None:
     batch, t, s, h, kh, d, q_offset, kv_length, window, q_block, kv_block = CASES["rows_with_no_visible_key"]
     q, k, v = _qkv(0, batch, t, s, h, kh, d, jnp.float32)
     for out in (
-        reference_attention(q, k, v, q_offset=q_offset, kv_length=kv_length, window=window),
+        _reference(q, k, v, q_offset=q_offset, kv_length=kv_length, window=window),
         _chunked(window, q_block, kv_block, jit=False)(q, k, v, q_offset, kv_length),
     ):
         assert np.all(np.isfinite(out))
         np.testing.assert_array_equal(out, 0.0)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("case", sorted(CASES))
+# Every case jitted; eager (op-by-op, ~2x the compile time here) on a subset covering GQA, windows and decode.
+EAGER_CASES = ("gqa2_offset_empty_tail", "gqa3_window", "decode_t1_window_small_blocks")
+MODES = [(case, True) for case in sorted(CASES)] + [(case, False) for case in EAGER_CASES]
+
+
+@pytest.mark.parametrize("case,jit", MODES, ids=[f"{case}-{'jit' if jit else 'eager'}" for case, jit in MODES])
 def test_chunked_matches_reference_float32(case: str, jit: bool) -> None:
     batch, t, s, h, kh, d, q_offset, kv_length, window, q_block, kv_block = CASES[case]
     q, k, v = _qkv(2, batch, t, s, h, kh, d, jnp.float32)
     out = _chunked(window, q_block, kv_block, jit)(q, k, v, q_offset, kv_length)
-    expected = reference_attention(q, k, v, q_offset=q_offset, kv_length=kv_length, window=window)
+    expected = _reference(q, k, v, q_offset=q_offset, kv_length=kv_length, window=window)
     chex.assert_shape(out, (batch, t, h, d))
     chex.assert_type(out, jnp.float32)
     chex.assert_trees_all_close(out, expected, **F32_TOL)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("case", ["gqa2_offset_empty_tail", "gqa3_window", "decode_t1"])
+BF16_MODES = [("gqa2_offset_empty_tail", True), ("gqa3_window", True), ("decode_t1", True), ("gqa3_window", False)]
+
+
+@pytest.mark.parametrize(
+    "case,jit", BF16_MODES, ids=[f"{case}-{'jit' if jit else 'eager'}" for case, jit in BF16_MODES]
+)
 def test_chunked_matches_reference_bfloat16(case: str, jit: bool) -> None:
     batch, t, s, h, kh, d, q_offset, kv_length, window, q_block, kv_block = CASES[case]
     q, k, v = _qkv(3, batch, t, s, h, kh, d, jnp.bfloat16)
     out = _chunked(window, q_block, kv_block, jit)(q, k, v, q_offset, kv_length)
     chex.assert_type(out, jnp.bfloat16)
     q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-    expected = reference_attention(q32, k32, v32, q_offset=q_offset, kv_length=kv_length, window=window)
+    expected = _reference(q32, k32, v32, q_offset=q_offset, kv_length=kv_length, window=window)
     chex.assert_trees_all_close(out.astype(jnp.float32), expected, **BF16_TOL)
 
 
 def test_default_kv_length_is_the_whole_buffer() -> None:
     q, k, v = _qkv(4, 1, 6, 10, 4, 2, 8, jnp.float32)
-    out = chunked_attention(q, k, v, q_offset=4, q_block=4, kv_block=4)
-    chex.assert_trees_all_close(out, reference_attention(q, k, v, q_offset=4, kv_length=10), **F32_TOL)
+    out = jax.jit(lambda q, k, v: chunked_attention(q, k, v, q_offset=4, q_block=4, kv_block=4))(q, k, v)
+    chex.assert_trees_all_close(out, _reference(q, k, v, q_offset=4, kv_length=10), **F32_TOL)
 
 
 def test_kv_length_beyond_capacity_is_clamped() -> None:
     # kv_length > S must behave as S: the padded key block past the buffer must never be read
     q, k, v = _qkv(5, 1, 5, 10, 2, 1, 8, jnp.float32)
-    out = chunked_attention(q, k, v, q_offset=5, kv_length=64, q_block=2, kv_block=4)
-    chex.assert_trees_all_close(out, reference_attention(q, k, v, q_offset=5, kv_length=10), **F32_TOL)
+    out = _chunked(None, 2, 4, jit=True)(q, k, v, 5, 64)
+    chex.assert_trees_all_close(out, _reference(q, k, v, q_offset=5, kv_length=10), **F32_TOL)
 
 
 def test_chunked_rejects_bad_shapes() -> None:
@@ -166,33 +182,48 @@ def test_visibility_mask_small_case() -> None:
     np.testing.assert_array_equal(mask, expected)
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
+# Hypothesis varies what is traced (q_offset, kv_length, the data) freely and the static configuration over three
+# settings — (T, (kv_heads, group), window, (q_block, kv_block)) — so the examples share three compilations.
+STATIC_SETTINGS = [(7, (2, 1), None, (3, 4)), (7, (1, 3), 5, (8, 5)), (1, (1, 3), 1, (3, 4))]
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(
-    q_len=st.integers(1, 12),
-    extra_slots=st.integers(0, 12),
-    kv_tail=st.integers(0, 6),
-    kv_heads_and_group=st.sampled_from([(1, 1), (2, 1), (1, 2), (2, 2), (1, 3), (2, 3)]),
-    window=st.one_of(st.none(), st.integers(1, 10)),
-    q_block=st.integers(1, 8),
-    kv_block=st.integers(1, 8),
+    static=st.sampled_from(STATIC_SETTINGS),
+    q_offset=st.integers(0, 17),
+    kv_length=st.integers(0, 26),
     seed=st.integers(0, 2**16),
 )
-def test_chunked_matches_reference_hypothesis(
-    q_len: int,
-    extra_slots: int,
-    kv_tail: int,
-    kv_heads_and_group: tuple[int, int],
-    window: int | None,
-    q_block: int,
-    kv_block: int,
-    seed: int,
-) -> None:
-    # the queries fill slots q_offset..q_offset+T-1 of an S-slot buffer whose last kv_tail slots are unfilled
-    num_kv_heads, group = kv_heads_and_group
-    q_offset = extra_slots
-    kv_length = q_offset + q_len
-    capacity = kv_length + kv_tail
-    q, k, v = _qkv(seed, 1, q_len, capacity, num_kv_heads * group, num_kv_heads, 4, jnp.float32)
-    out = _chunked(window, q_block, kv_block, jit=True)(q, k, v, q_offset, kv_length)
-    expected = reference_attention(q, k, v, q_offset=q_offset, kv_length=kv_length, window=window)
+def test_chunked_matches_reference_hypothesis(static: tuple, q_offset: int, kv_length: int, seed: int) -> None:
+    # a 24-slot buffer; kv_length may fall short of the queries' own slots, or run past the buffer (clamped)
+    q_len, (num_kv_heads, group), window, blocks = static
+    q, k, v = _qkv(seed, 1, q_len, 24, num_kv_heads * group, num_kv_heads, 4, jnp.float32)
+    out = _chunked(window, *blocks, jit=True)(q, k, v, q_offset, kv_length)
+    expected = _reference(q, k, v, q_offset=q_offset, kv_length=min(kv_length, 24), window=window)
+    # Rows that see no key are compared in test_rows_without_keys_in_a_processed_block_are_zero (a known bug);
+    # once it is fixed, compare every row here.
+    has_key = _rows_with_a_key(q_len, 24, q_offset, kv_length, window)
+    chex.assert_trees_all_close(out[:, has_key], expected[:, has_key], **F32_TOL)
+
+
+def _rows_with_a_key(q_len: int, kv_len: int, q_offset: int, kv_length: int, window: int | None) -> np.ndarray:
+    """Does query row t see any key: the visible slots are [max(slot - w + 1, 0), min(slot + 1, kv_length))."""
+    slots = q_offset + np.arange(q_len)
+    first = np.maximum(slots - window + 1, 0) if window is not None else np.zeros_like(slots)
+    return first < np.minimum(slots + 1, min(kv_length, kv_len))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="lcm/ops/attention.py chunked_attention: a query row with no visible key inside a key block that other "
+    "rows of its query block do see gets exp(-1e30 - (-1e30)) = 1 for every masked key, i.e. the mean of the "
+    "masked values instead of zeros; fix: probs = jnp.where(mask_RxS, jnp.exp(scores - new_max[..., None]), 0.0)",
+)
+def test_rows_without_keys_in_a_processed_block_are_zero() -> None:
+    # slots 0..6, window 5, only slot 0 filled: slots 0..4 see key 0, slots 5 and 6 see nothing, but their query
+    # block (all 7 rows) still processes key block 0
+    q, k, v = _qkv(7, 1, 7, 10, 3, 1, 4, jnp.float32)
+    out = _chunked(5, 8, 5, jit=True)(q, k, v, 0, 1)
+    expected = _reference(q, k, v, q_offset=0, kv_length=1, window=5)
+    np.testing.assert_array_equal(expected[:, 5:], 0.0)
     chex.assert_trees_all_close(out, expected, **F32_TOL)

@@ -1,0 +1,101 @@
+"""The `lcm` command line: its contract (JSON last line, exit code 2 on bad input) and one real-model run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lcm import cli
+from lcm.config import load_config
+from lcm.io.fetch import model_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["eval", "perplexity", "--input", "nope.txt", "--length", "8"], "does not exist"),
+        (["eval", "passkey", "--model", "/nonexistent/model.gguf", "--lengths", "64"], "not found"),
+        (["eval", "passkey", "--rope", "warp:factor=2", "--lengths", "64"], "unknown rope variant 'warp'"),
+        (["eval", "passkey", "--rope", "linear:scale=2", "--lengths", "64"], "scale"),
+        (["eval", "passkey", "--lengths", "64", "--trials", "0"], "--trials=0"),
+        (["eval", "passkey", "--lengths", "64", "--depth", "1.5"], "--depth=1.5"),
+        (["run", "configs/nope.py"], "does not exist"),
+        (["run", "configs/quickstart.py", "--config.passkey.trails=3"], "unknown config field 'passkey.trails'"),
+        (["run", "configs/quickstart.py", "--config.passkey.trials=many"], "expected a value of type int"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str], needle: str
+) -> None:
+    monkeypatch.chdir(REPO)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == cli.EXIT_BAD_INPUT
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_corrupt_gguf_is_a_one_line_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    code, _, err = run_cli(capsys, "eval", "passkey", "--model", str(bad), "--lengths", "64")
+    assert code == cli.EXIT_BAD_INPUT
+    assert "bad.gguf" in err and len(err.strip().splitlines()) == 1
+
+
+def test_argparse_rejects_bad_lists(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "passkey", "--lengths", "1k"])
+    assert exit_info.value.code == 2
+
+
+def test_configs_load_and_override() -> None:
+    cfg = load_config(
+        str(REPO / "configs/quickstart.py"), ["--config.passkey.lengths=512,1024", "--config.dtype=bfloat16"]
+    )
+    assert tuple(cfg.passkey.lengths) == (512, 1024) and cfg.dtype == "bfloat16"
+    cpu = load_config(str(REPO / "configs/rope_16k.py:cpu"))
+    assert cpu.passkey.trials == 1 and "yarn:factor=2" in cpu.rope
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    path = model_path("smollm2", download=True)
+    assert path is not None
+    return path
+
+
+def test_real_model_passkey_1k_2k_ten_of_ten(capsys: pytest.CaptureFixture[str], smollm2: Path) -> None:
+    """The issue's bar, in CI: SmolLM2 with the full cache retrieves every passkey at 1k and 2k tokens."""
+    code, out, _ = run_cli(
+        capsys, "eval", "passkey", "--model", "smollm2", "--lengths", "1024,2048", "--trials", "10", "--json"
+    )
+    assert code == 0
+    payload = json.loads(out.strip().splitlines()[-1])
+    assert payload["accuracy"] == {"1024": 1.0, "2048": 1.0}, payload["outputs"]
+
+
+def test_real_model_perplexity_json(capsys: pytest.CaptureFixture[str], smollm2: Path, tmp_path: Path) -> None:
+    import inspect
+    import typing
+
+    text = tmp_path / "typing.py.txt"
+    text.write_text(inspect.getsource(typing))
+    code, out, _ = run_cli(
+        capsys, "eval", "perplexity", "--model", "smollm2", "--input", str(text), "--length", "512", "--json"
+    )
+    assert code == 0
+    payload = json.loads(out.strip().splitlines()[-1])
+    assert payload["n_tokens"] == 511
+    # Python source is easy for a code-trained model: a mean NLL between 0.5 and 4 nats is sane, 10.8 = uniform
+    assert 0.5 < payload["nll"] < 4.0

@@ -1,0 +1,207 @@
+"""Tests for lcm.generate.Engine on a tiny random decoder.
+
+Greedy ``generate`` against an argmax loop that recomputes a full forward from scratch at every step (no cache
+reuse, no chunking), ``token_nlls`` against ``log_softmax`` of one full forward, chunk sizes that do not divide the
+prompt, a batch of two prompts, ``stop_ids``, and the input errors.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcm.generate import Engine
+from lcm.models.llama import Llama, LlamaConfig, abstract_model, forward, map_params
+
+TINY = LlamaConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    rope_base=10000.0,
+    max_position_embeddings=64,
+    tie_embeddings=False,  # a tied random model just repeats its last token (its embedding matches itself best)
+    attention_q_block=4,
+    attention_kv_block=4,
+)
+PROMPT, NEW_TOKENS = 7, 6
+# Two float32 evaluations of the same model that differ only in attention tiling and chunking (the Engine's cached,
+# chunked pass vs one full forward): NLLs are O(5) (log 128 = 4.85 for a random model), round-off ~1e-6.
+NLL_TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _allow_rank_promotion():
+    """lcm/models/llama.py adds [D]-shaped norm scales and biases to [B, T, D] activations by implicit rank
+    promotion, which the suite-wide ``jax_numpy_rank_promotion="raise"`` rejects (reported; see
+    tests/models/test_llama.py::test_model_runs_with_rank_promotion_raise). Until it is fixed, allow it here."""
+    with jax.numpy_rank_promotion("allow"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def model() -> Llama:
+    """Random weights drawn in numpy into ``abstract_model`` (no op-by-op compiling of the random init)."""
+    rng = np.random.default_rng(0)
+
+    def draw(path: tuple[str, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        if path[-1] == "scale":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        fan_in = 1 if path[-1] == "embed" else leaf.shape[0] if path[-1] != "o_proj" else np.prod(leaf.shape[:2])
+        return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(fan_in), leaf.dtype)
+
+    return map_params(abstract_model(TINY), draw)
+
+
+def _prompts(seed: int, batch: int, length: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, TINY.vocab_size, (batch, length)).astype(np.int32)
+
+
+@functools.cache
+def _full_forward(graphdef: nnx.GraphDef):
+    """Logits ``[B, L, V]`` of one forward over all ``L`` tokens, from an empty cache of exactly ``L`` slots."""
+
+    def run(params: nnx.State, tokens_BxL: jax.Array) -> jax.Array:
+        batch, length = tokens_BxL.shape
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        cache = nnx.merge(graphdef, params).init_cache(batch, length)
+        return forward(graphdef, params, tokens_BxL, positions, cache)[0]
+
+    return jax.jit(run)
+
+
+def _reference_greedy(model: Llama, prompts: np.ndarray, new_tokens: int) -> np.ndarray:
+    """Argmax loop; every step runs the model from scratch over the whole sequence so far.
+
+    The sequence lives in a fixed [B, T + N] buffer whose unfilled tail is zeros: attention is causal, so the logits
+    at position n - 1 do not depend on positions >= n, and one compiled program serves every step.
+    """
+    batch, length = prompts.shape
+    graphdef, params = nnx.split(model)
+    buffer = np.zeros((batch, length + new_tokens), np.int32)
+    buffer[:, :length] = prompts
+    for step in range(new_tokens):
+        logits = np.asarray(_full_forward(graphdef)(params, buffer))[:, length + step - 1]
+        top_two = np.sort(logits, axis=-1)[:, -2:]
+        # exact token equality with the Engine needs argmaxes clear of float32 round-off (~1e-6 on logits of std 1)
+        assert np.all(top_two[:, 1] - top_two[:, 0] > 1e-4), "near-tie in the reference; choose another seed"
+        buffer[:, length + step] = np.argmax(logits, axis=-1)
+    return buffer[:, length:]
+
+
+@pytest.mark.parametrize("chunk_size", [3, 16], ids=["chunk3_ragged", "chunk16_one_chunk"])
+def test_generate_matches_recomputed_greedy(model: Llama, chunk_size: int) -> None:
+    prompts = _prompts(0, 2, PROMPT)
+    out = Engine(model, chunk_size=chunk_size).generate(prompts, NEW_TOKENS)
+    chex.assert_shape(out, (2, NEW_TOKENS))
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out, _reference_greedy(model, prompts, NEW_TOKENS))
+    # the two rows are different prompts and must not leak into each other
+    assert not np.array_equal(out[0], out[1])
+
+
+def test_generate_accepts_a_single_prompt(model: Llama) -> None:
+    prompts = _prompts(0, 2, PROMPT)
+    one = Engine(model, chunk_size=3).generate(prompts[1], NEW_TOKENS)  # a 1-D prompt is a batch of one
+    chex.assert_shape(one, (1, NEW_TOKENS))
+    np.testing.assert_array_equal(one[0], _reference_greedy(model, prompts, NEW_TOKENS)[1])
+
+
+def _expected_with_stops(full: np.ndarray, stop_ids: list[int]) -> np.ndarray:
+    """``generate``'s rule applied to the unstopped output: a row is done after its first stop id (kept), and
+    decoding ends once every row is done."""
+    ends = [next((i + 1 for i, token in enumerate(row) if token in stop_ids), len(row)) for row in full]
+    return full[:, : max(ends)]
+
+
+def test_generate_stops_when_every_row_has_stopped(model: Llama) -> None:
+    engine = Engine(model, chunk_size=3)
+    prompts = _prompts(0, 2, PROMPT)
+    full = engine.generate(prompts, NEW_TOKENS)
+    # both rows' first tokens: one token each
+    first = full[:, 0].tolist()
+    np.testing.assert_array_equal(engine.generate(prompts, NEW_TOKENS, stop_ids=first), full[:, :1])
+    # row 0 stops at once, row 1 later: decoding continues for row 1 (row 0 keeps producing tokens meanwhile)
+    stop_ids = [int(full[0, 0]), int(full[1, 3])]
+    expected = _expected_with_stops(full, stop_ids)
+    assert 1 < expected.shape[1] <= 4
+    np.testing.assert_array_equal(engine.generate(prompts, NEW_TOKENS, stop_ids=stop_ids), expected)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 16], ids=["chunk3_ragged", "chunk16_one_chunk"])
+def test_token_nlls_match_one_full_forward(model: Llama, chunk_size: int) -> None:
+    tokens = _prompts(1, 2, 13)
+    nlls = Engine(model, chunk_size=chunk_size).token_nlls(tokens)
+    chex.assert_shape(nlls, (2, 12))
+    graphdef, params = nnx.split(model)
+    logprobs = jax.nn.log_softmax(_full_forward(graphdef)(params, tokens), axis=-1)
+    expected = -np.take_along_axis(np.asarray(logprobs[:, :-1]), tokens[:, 1:, None], axis=-1)[..., 0]
+    chex.assert_trees_all_close(nlls, expected, **NLL_TOL)
+
+
+def test_prefill_logits_match_full_forward(model: Llama) -> None:
+    engine = Engine(model, chunk_size=3)
+    tokens = _prompts(2, 2, PROMPT)
+    logits, cache = engine.prefill(tokens, engine.new_cache(2, PROMPT + NEW_TOKENS))
+    assert cache.capacity == 15  # PROMPT + NEW_TOKENS = 13 rounded up to the chunk
+    assert int(cache.length) == PROMPT
+    graphdef, params = nnx.split(model)
+    expected = _full_forward(graphdef)(params, tokens)[:, -1]
+    chex.assert_trees_all_close(logits, expected, atol=1e-5, rtol=1e-5)  # as NLL_TOL: logits of std ~1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="lcm/generate.py Engine.prefill: with a cache whose capacity is not a multiple of chunk_size, the last "
+    "right-padded chunk overruns the buffer and dynamic_update_slice clamps its start, overwriting earlier slots; "
+    "fix: reject such caches (capacity % chunk_size) or shorten the last chunk",
+)
+def test_prefill_with_a_cache_that_is_not_a_multiple_of_the_chunk(model: Llama) -> None:
+    engine = Engine(model, chunk_size=3)
+    tokens = _prompts(2, 2, PROMPT)
+    # capacity 7 = the prompt exactly; the last chunk (token 6 + two pads) would need slots 6..8
+    logits, _ = engine.prefill(tokens, model.init_cache(2, PROMPT))
+    graphdef, params = nnx.split(model)
+    expected = _full_forward(graphdef)(params, tokens)[:, -1]
+    chex.assert_trees_all_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "tokens,message",
+    [
+        (np.array([[1, 2, 128]]), r"token ids must lie in \[0, 128\), got \[1, 128\]"),
+        (np.array([[-1, 2, 3]]), r"token ids must lie in \[0, 128\), got \[-1, 3\]"),
+        (np.zeros((0,), np.int32), "tokens must be a non-empty"),
+        (np.zeros((2, 0), np.int32), "tokens must be a non-empty"),
+        (np.zeros((1, 2, 3), np.int32), "tokens must be a non-empty"),
+        (np.array([[1.0, 2.0]]), "tokens must be integers"),
+    ],
+)
+def test_bad_tokens_are_rejected(model: Llama, tokens: np.ndarray, message: str) -> None:
+    engine = Engine(model, chunk_size=3)
+    for call in (lambda: engine.generate(tokens, 2), lambda: engine.token_nlls(tokens)):
+        with pytest.raises(ValueError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+def test_bad_arguments_are_rejected(model: Llama) -> None:
+    engine = Engine(model, chunk_size=3)
+    prompt = _prompts(0, 1, 4)
+    for new_tokens in (0, -2):
+        with pytest.raises(ValueError, match=f"max_new_tokens={new_tokens} must be positive"):
+            engine.generate(prompt, new_tokens)
+    with pytest.raises(ValueError, match="need at least 2 tokens for a next-token NLL, got 1"):
+        engine.token_nlls(prompt[:, :1])
+    with pytest.raises(ValueError, match="chunk_size=0 must be positive"):
+        Engine(model, chunk_size=0)
+    with pytest.raises(ValueError, match="prompt of 4 tokens exceeds the cache capacity 3"):
+        engine.prefill(prompt, engine.new_cache(1, 2))
