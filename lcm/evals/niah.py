@@ -1,11 +1,11 @@
 """Needle in a haystack over a length x depth grid (Kamradt 2023, "LLMTest_NeedleInAHaystack").
 
-The haystack is any local text, cut to fit the requested length in tokens of the model's tokenizer; the needle
-sentence is inserted at the sentence boundary (". ") nearest *before* the requested depth, as the original
-harness does; the question follows the haystack in the model's chat template when it has one, then an answer
-prefix (as RULER does) so that a small model answers in place. The original scores with a GPT-4 judge; lcm scores
-the continuation by the fraction of the answer's words it contains (case-insensitive), so 1.0 means every word
-of ``answer`` was produced. Results are written as JSON and a heatmap PNG.
+The haystack is any local text, cut to fit the requested length in tokens of the model's tokenizer. The needle
+sentence is inserted at the sentence boundary nearest *before* the requested depth (within 400 characters, else at
+the last whitespace), as the original harness does. The question follows the haystack, in the model's chat
+template when it has one, then an answer prefix (as RULER does) so that a small model answers in place. The
+original scores with a GPT-4 judge; lcm scores the continuation by the fraction of the answer's words it contains
+(case-insensitive), so 1.0 means every word of ``answer`` was produced. Results are written as JSON and a heatmap.
 """
 
 from __future__ import annotations
@@ -49,6 +49,16 @@ def _render(tokenizer, context: str, task: NeedleTask, chat: bool) -> list[int]:
     return tokenizer.encode(f"{user}\n{task.answer_prefix}".rstrip())
 
 
+def _insertion_point(hay: str, cut: int, reach: int = 400) -> int:
+    """The end of the last sentence before ``cut`` (``.`` then whitespace), else the last whitespace; 0 at the start."""
+    if cut <= 0:
+        return 0
+    window = hay[max(0, cut - reach) : cut]
+    sentence = max(window.rfind(". "), window.rfind(".\n"))
+    at = sentence + 1 if sentence >= 0 else max(window.rfind(" "), window.rfind("\n"))
+    return max(0, cut - len(window) + at) if at > 0 else cut
+
+
 def build_prompt(
     tokenizer, haystack_ids: list[int], length: int, depth: float, task: NeedleTask, chat: bool = True
 ) -> list[int]:
@@ -63,9 +73,7 @@ def build_prompt(
         raise ValueError(f"the haystack has {len(haystack_ids)} tokens; length={length} needs {budget}")
     for _ in range(8):  # re-tokenising the joined text can shift a few tokens: shrink until it fits
         hay = tokenizer.decode(haystack_ids[:budget])
-        cut = int(len(hay) * depth)
-        stop = hay.rfind(". ", 0, cut)
-        cut = 0 if depth == 0 or stop < 0 else stop + 1
+        cut = _insertion_point(hay, int(len(hay) * depth))
         context = f"{hay[:cut]} {task.needle}{hay[cut:]}" if cut else f"{task.needle} {hay}"
         if depth == 1.0:
             context = f"{hay} {task.needle}"

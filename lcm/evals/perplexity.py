@@ -46,7 +46,11 @@ def perplexity_vs_length(engine: Engine, ids: np.ndarray, lengths: list[int]) ->
 
 
 def sliding_window_nll(engine: Engine, ids: np.ndarray, length: int, stride: int) -> PerplexityResult:
-    """Every token of ``ids`` after the first scored once, in windows of ``length`` advanced by ``stride``."""
+    """Tokens of ``ids`` scored once each, in windows of ``length`` advanced by ``stride``.
+
+    With ``stride < length`` every token after the first is scored; with ``stride == length`` (disjoint windows)
+    the first token of each window has no context and is not scored, as in transformers' guide.
+    """
     ids = np.asarray(ids)
     if not 0 < stride <= length:
         raise ValueError(f"stride={stride} must be in (0, length={length}]")

@@ -115,7 +115,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...] * x32.astype(x.dtype)
+        return self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,)) * x32.astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -139,12 +139,12 @@ class Attention(nnx.Module):
         k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.k_proj[...])
         v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.v_proj[...])
         if self.qkv_bias:
-            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+            q, k, v = q + self.q_bias[None, None], k + self.k_bias[None, None], v + self.v_bias[None, None]
         return q, k, v
 
     def output(self, attn_BxTxHxK: jax.Array) -> jax.Array:
         out = jnp.einsum("bthk,hkd->btd", attn_BxTxHxK, self.o_proj[...])
-        return out + self.o_bias[...] if self.has_o_bias else out
+        return out + self.o_bias[None, None] if self.has_o_bias else out
 
 
 class MLP(nnx.Module):
@@ -163,9 +163,9 @@ class MLP(nnx.Module):
         gate = x @ self.gate_proj[...]
         up = x @ self.up_proj[...]
         if self.mlp_bias:
-            gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
+            gate, up = gate + self.gate_bias[None, None], up + self.up_bias[None, None]
         out = (jax.nn.silu(gate) * up) @ self.down_proj[...]
-        return out + self.down_bias[...] if self.mlp_bias else out
+        return out + self.down_bias[None, None] if self.mlp_bias else out
 
 
 class Block(nnx.Module):

@@ -122,7 +122,7 @@ def chunked_attention(
             scores = jnp.einsum("bkrd,bksd->bkrs", q_BxKxRxD, k_blocks[j], preferred_element_type=jnp.float32)
             k_slots = j * kv_block + jnp.arange(kv_block, dtype=jnp.int32)
             mask_RxS = visibility_mask(q_slots_R, k_slots, kv_length, window)
-            scores = jnp.where(mask_RxS, scores, _NEG_INF)
+            scores = jnp.where(mask_RxS[None, None], scores, _NEG_INF)
             new_max = jnp.maximum(max_BxKxR, scores.max(-1))
             probs = jnp.exp(scores - new_max[..., None])
             correction = jnp.exp(max_BxKxR - new_max)

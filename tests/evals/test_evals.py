@@ -1,0 +1,107 @@
+"""Evals: prompt builders (passkey, NIAH) on the real tokenizer, and perplexity definitions on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcm.evals import niah, passkey, perplexity, texts
+from lcm.generate import Engine
+from lcm.io.fetch import model_path
+from lcm.io.tokenizer import load_tokenizer
+from lcm.models.llama import Llama, LlamaConfig
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    path = model_path("smollm2", download=True)
+    return load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine() -> Engine:
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    return Engine(Llama(cfg, rngs=nnx.Rngs(0)), chunk_size=16)
+
+
+@pytest.mark.parametrize("length", [200, 1024, 3000])
+@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
+def test_passkey_prompt_fits_and_hides_the_key_at_depth(tokenizer, length: int, depth: float) -> None:
+    prompt = passkey.build_prompt(tokenizer, length, key=48213, depth=depth)
+    assert length - 40 <= len(prompt.ids) <= length  # filler granularity is ~25 tokens
+    text = tokenizer.decode(prompt.ids)
+    needle = passkey.NEEDLE.format(key=48213)
+    assert text.count(needle) == 1 and text.endswith(passkey.QUESTION)
+    body = text[len(passkey.TASK) : -len(passkey.QUESTION)]
+    where = body.index(needle) / max(len(body) - len(needle), 1)
+    assert abs(where - depth) < 0.05
+
+
+def test_passkey_prompt_too_short_is_an_error(tokenizer) -> None:
+    with pytest.raises(ValueError, match="below the passkey prompt's minimum"):
+        passkey.build_prompt(tokenizer, 20, key=12345, depth=0.5)
+
+
+def test_first_integer() -> None:
+    assert passkey.first_integer(" 36209.\nThe pass key is 1") == 36209
+    assert passkey.first_integer("no digits") is None
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_niah_prompt_fits_and_places_the_needle(tokenizer, depth: float) -> None:
+    hay = tokenizer.encode(texts.stdlib_prose(), add_special=False)
+    task = niah.NeedleTask()
+    ids = niah.build_prompt(tokenizer, hay, 1024, depth, task)
+    assert 1024 - 64 <= len(ids) <= 1024
+    text = tokenizer.decode(ids, skip_special=False)
+    assert text.count(task.needle) == 1 and text.endswith(task.answer_prefix)
+    start = text.index("<|im_start|>user") + len("<|im_start|>user")
+    end = text.index(task.question)
+    relative = (text.index(task.needle) - start) / (end - start)
+    assert abs(relative - depth) < 0.1
+
+
+def test_answer_recall() -> None:
+    assert niah.answer_recall("Eat a sandwich and sit in Dolores Park on a sunny day.", niah.ANSWER) == 1.0
+    assert niah.answer_recall("go to the beach", niah.ANSWER) == 0.0
+    assert 0 < niah.answer_recall("eat a sandwich", niah.ANSWER) < 1
+
+
+def test_niah_grid_and_heatmap(tmp_path) -> None:
+    results = [niah.NeedleResult(n, d, n, float(i), "") for i, (n, d) in enumerate([(64, 0.0), (128, 0.0), (64, 1.0)])]
+    payload = niah.save_niah(results, tmp_path)
+    assert payload["lengths"] == [64, 128] and payload["depths"] == [0.0, 1.0]
+    assert payload["scores"][0] == [0.0, 1.0] and payload["scores"][1][0] == 2.0
+    assert np.isnan(payload["scores"][1][1])
+    assert (tmp_path / "niah.png").stat().st_size > 0 and (tmp_path / "niah.json").is_file()
+
+
+def test_prefix_nll_is_the_mean_of_next_token_nlls(tiny_engine: Engine) -> None:
+    ids = np.random.default_rng(0).integers(0, 97, 50)
+    full = tiny_engine.token_nlls(ids[None])[0]
+    result = perplexity.prefix_nll(tiny_engine, ids, 40)
+    assert result.n_tokens == 39
+    np.testing.assert_allclose(result.nll, tiny_engine.token_nlls(ids[None, :40])[0].mean(), rtol=1e-6)
+    # causal model: the first 39 predictions do not depend on tokens after position 40
+    np.testing.assert_allclose(result.nll, full[:39].mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="fewer than the requested length"):
+        perplexity.prefix_nll(tiny_engine, ids, 51)
+
+
+def test_sliding_window_scores_every_token_once(tiny_engine: Engine) -> None:
+    ids = np.random.default_rng(1).integers(0, 97, 70)
+    whole = tiny_engine.token_nlls(ids[None])[0]
+    # a window as long as the text is one causal pass
+    one = perplexity.sliding_window_nll(tiny_engine, ids, length=70, stride=70)
+    assert one.n_tokens == 69
+    np.testing.assert_allclose(one.nll, whole.mean(), rtol=1e-5)
+    # disjoint windows restart their context: the first token of each has nothing to be predicted from
+    disjoint = perplexity.sliding_window_nll(tiny_engine, ids, length=30, stride=30)
+    expected = [tiny_engine.token_nlls(ids[None, s : s + 30])[0] for s in (0, 30, 60)]
+    assert disjoint.n_tokens == 29 + 29 + 9
+    np.testing.assert_allclose(disjoint.nll, np.concatenate(expected).mean(), rtol=1e-5)
+    strided = perplexity.sliding_window_nll(tiny_engine, ids, length=30, stride=10)
+    assert strided.n_tokens == 69
+    with pytest.raises(ValueError, match="stride"):
+        perplexity.sliding_window_nll(tiny_engine, ids, length=30, stride=31)
