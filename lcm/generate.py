@@ -118,8 +118,11 @@ class Engine:
         """Feed ``tokens [B, T]`` (positions ``0…T-1``) chunk by chunk; logits ``[B, V]`` at the last one."""
         tokens = self._check_tokens(tokens)
         batch, length = tokens.shape
-        if length > cache.capacity:
-            raise ValueError(f"prompt of {length} tokens exceeds the cache capacity {cache.capacity}")
+        if _round_up(length, self.chunk_size) > cache.capacity:
+            raise ValueError(
+                f"a prompt of {length} tokens in chunks of {self.chunk_size} needs a cache capacity of at least "
+                f"{_round_up(length, self.chunk_size)}, got {cache.capacity} (use Engine.new_cache)"
+            )
         rope_seq_len = jnp.int32(length)  # one scale for the whole prompt, as a single transformers forward
         logits = None
         for start, n in self._chunks(length):

@@ -52,7 +52,8 @@ def config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> LlamaConfig
         # transformers falls back to max_position_embeddings when the original length is not given
         params.setdefault("original_max_position_embeddings", hf.get("original_max_position_embeddings", max_pos))
     if rope_type == "longrope":
-        params.setdefault("max_position_embeddings", max_pos)
+        # transformers' fallback when the checkpoint gives no factor
+        params.setdefault("factor", max_pos / params["original_max_position_embeddings"])
     sliding = hf.get("sliding_window")
     if model_type == "qwen2" and not hf.get("use_sliding_window", False):
         sliding = None

@@ -124,7 +124,8 @@ def chunked_attention(
             mask_RxS = visibility_mask(q_slots_R, k_slots, kv_length, window)
             scores = jnp.where(mask_RxS[None, None], scores, _NEG_INF)
             new_max = jnp.maximum(max_BxKxR, scores.max(-1))
-            probs = jnp.exp(scores - new_max[..., None])
+            # masked entries are zeroed explicitly: a row with no visible key yet has new_max = -1e30 too
+            probs = jnp.where(mask_RxS[None, None], jnp.exp(scores - new_max[..., None]), 0.0)
             correction = jnp.exp(max_BxKxR - new_max)
             new_sum = sum_BxKxR * correction + probs.sum(-1)
             pv = jnp.einsum("bkrs,bksd->bkrd", probs.astype(v.dtype), v_blocks[j], preferred_element_type=jnp.float32)

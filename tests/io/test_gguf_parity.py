@@ -2,7 +2,7 @@
 
 Fast checks on tiny synthetic files written with ``gguf.GGUFWriter``: ``unpermute_qk`` inverts llama.cpp's
 ``permute`` (convert_hf_to_gguf.py), a tiny llama GGUF with permuted q/k loads to exactly the HF-layout weights it was
-made from, metadata errors, and corrupt or truncated files give a one-line ValueError. Slow checks on the real
+made from, metadata errors, and corrupt or truncated files give a one-line ValueError. Checks on the real
 SmolLM2-135M Q4_1 GGUF (skipped when not cached): mean next-token NLL over the first 1024 tokens of a local text and
 the top-5 next tokens agree with ``transformers.AutoModelForCausalLM.from_pretrained(..., gguf_file=...)``.
 """
@@ -25,15 +25,6 @@ from lcm.io.hf import llama_from_tensors
 from lcm.models.llama import LlamaConfig
 
 pytestmark = pytest.mark.parity
-
-
-@pytest.fixture(autouse=True)
-def _allow_rank_promotion():
-    """lcm/models/llama.py adds [D]-shaped norm scales and biases to [B, T, D] activations by implicit rank
-    promotion, which the suite-wide ``jax_numpy_rank_promotion="raise"`` rejects (reported; see
-    tests/models/test_llama.py::test_model_runs_with_rank_promotion_raise). Until it is fixed, allow it here."""
-    with jax.numpy_rank_promotion("allow"):
-        yield
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -250,13 +241,12 @@ def smollm2_runs(smollm2_gguf: Path) -> dict[str, typing.Any]:
     from lcm.generate import Engine
     from lcm.io.checkpoints import load_model
 
-    with jax.numpy_rank_promotion("allow"):  # see _allow_rank_promotion; module fixtures run outside it
-        model, tokenizer = load_model(smollm2_gguf, progress=False)
-        ids = np.array(tokenizer.encode(inspect.getsource(typing))[:NUM_TOKENS], np.int32)
-        assert len(ids) == NUM_TOKENS
-        engine = Engine(model, chunk_size=NUM_TOKENS)
-        ours_nlls = engine.token_nlls(ids)
-        ours_last, _ = engine.prefill(ids, engine.new_cache(1, NUM_TOKENS))
+    model, tokenizer = load_model(smollm2_gguf, progress=False)
+    ids = np.array(tokenizer.encode(inspect.getsource(typing))[:NUM_TOKENS], np.int32)
+    assert len(ids) == NUM_TOKENS
+    engine = Engine(model, chunk_size=NUM_TOKENS)
+    ours_nlls = engine.token_nlls(ids)
+    ours_last, _ = engine.prefill(ids, engine.new_cache(1, NUM_TOKENS))
 
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
@@ -271,7 +261,6 @@ def smollm2_runs(smollm2_gguf: Path) -> dict[str, typing.Any]:
     }
 
 
-@pytest.mark.slow
 def test_smollm2_mean_nll_matches_transformers(smollm2_runs: dict) -> None:
     # Same dequantised float32 weights on both sides (gguf's dequantize is what transformers' loader uses too), so
     # only float32 round-off over 30 layers separates them; measured |diff| ~2e-5 nats on a mean NLL of ~2.5.
@@ -280,7 +269,6 @@ def test_smollm2_mean_nll_matches_transformers(smollm2_runs: dict) -> None:
     assert 1.0 < smollm2_runs["ours_nll"] < 5.0  # a working LM on Python source, not a uniform guess (10.8)
 
 
-@pytest.mark.slow
 def test_smollm2_top5_next_tokens_match_transformers(smollm2_runs: dict) -> None:
     ours, theirs = smollm2_runs["ours_last"], smollm2_runs["theirs_last"]
     assert set(np.argsort(ours)[-5:].tolist()) == set(np.argsort(theirs)[-5:].tolist())

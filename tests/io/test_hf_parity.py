@@ -52,15 +52,6 @@ SIZES = dict(
 PARITY_TOL = {"atol": 1e-4, "rtol": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def _allow_rank_promotion():
-    """lcm/models/llama.py adds [D]-shaped norm scales and biases to [B, T, D] activations by implicit rank
-    promotion, which the suite-wide ``jax_numpy_rank_promotion="raise"`` rejects (reported; see
-    tests/models/test_llama.py::test_model_runs_with_rank_promotion_raise). Until it is fixed, allow it here."""
-    with jax.numpy_rank_promotion("allow"):
-        yield
-
-
 def _rope(rope_type: str, **params: Any) -> dict[str, Any]:
     return {"rope_type": rope_type, "rope_theta": 10000.0, **params}
 
@@ -69,13 +60,6 @@ LONGROPE = dict(
     short_factor=[1.0, 1.05, 1.1, 1.2, 1.4, 1.7, 2.0, 2.5],
     long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 8.0, 10.0, 12.0],
     original_max_position_embeddings=ORIGINAL_LENGTH,
-)
-LONGROPE_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="lcm/io/hf.py config_from_hf adds rope parameter 'max_position_embeddings' for longrope, which "
-    "lcm.ops.rope's longrope variant does not take; fix: setdefault('factor', max_position_embeddings / "
-    "original_max_position_embeddings) instead (what transformers does when factor is missing)",
 )
 
 # name -> (transformers config class, config kwargs, save kwargs)
@@ -116,7 +100,6 @@ CASES = {
     "mistral_sliding_window": ("MistralConfig", {"sliding_window": 6, "head_dim": HEAD_DIM}, {}),
     "qwen2_biases_tied": ("Qwen2Config", {"tie_word_embeddings": True}, {}),
 }
-XFAIL = {"llama_longrope_factor": LONGROPE_BUG, "llama_longrope_implicit_factor": LONGROPE_BUG}
 
 
 def _unit_scale_(model: Any, seed: int) -> None:
@@ -170,7 +153,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory):
     return lambda case: _checkpoint(case, root / case)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=XFAIL.get(c, ())) for c in CASES])
+@pytest.mark.parametrize("case", CASES)
 def test_logits_match_transformers(checkpoints, case: str) -> None:
     folder, tokens, expected = checkpoints(case)
     model = load_hf_folder(folder, progress=False)
@@ -188,7 +171,7 @@ def test_sharded_checkpoint_has_an_index(checkpoints) -> None:
 
 
 def test_longrope_numerics_match_transformers(checkpoints) -> None:
-    """LongRoPE's frequencies and attention factor, bypassing config_from_hf's longrope bug (see LONGROPE_BUG):
+    """LongRoPE's frequencies and attention factor, checked directly:
     the config is read as default RoPE and the variant set by hand, with transformers' implicit factor."""
     from safetensors.numpy import load_file
 

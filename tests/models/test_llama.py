@@ -45,15 +45,6 @@ F32_VS_F64_TOL = {"atol": 1e-4, "rtol": 1e-5}
 F32_SAME_MATH_TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def _allow_rank_promotion():
-    """lcm/models/llama.py adds [D]-shaped norm scales and biases to [B, T, D] activations by implicit rank
-    promotion, which the suite-wide ``jax_numpy_rank_promotion="raise"`` (STYLE.md rule 2) rejects; see the
-    xfail test_model_runs_with_rank_promotion_raise. Until that is fixed, the model runs here with it allowed."""
-    with jax.numpy_rank_promotion("allow"):
-        yield
-
-
 def _tokens(seed: int, batch: int, length: int, vocab: int = TINY.vocab_size) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (batch, length)), jnp.int32)
 
@@ -73,8 +64,10 @@ def random_model(cfg: LlamaConfig, seed: int = 0) -> Llama:
             value = 1.0 + 0.2 * rng.standard_normal(shape)
         elif name.endswith("bias"):
             value = 0.3 * rng.standard_normal(shape)
-        else:
-            fan_in = 1 if name == "embed" else shape[0] if name in ("q_proj", "k_proj", "v_proj") else np.prod(shape[:-1])
+        elif name == "embed":
+            value = rng.standard_normal(shape)
+        else:  # q/k/v are [D, heads, head_dim]: fan-in D; every other matrix is [..., out] with fan-in the rest
+            fan_in = shape[0] if name in ("q_proj", "k_proj", "v_proj") else np.prod(shape[:-1])
             value = rng.standard_normal(shape) / np.sqrt(fan_in)
         return jnp.asarray(value, leaf.dtype)
 
@@ -308,18 +301,6 @@ def test_bfloat16_model() -> None:
 
 
 # --- cache checks, parameters -------------------------------------------------------------------------------
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="lcm/models/llama.py RMSNorm.__call__ (scale[D] * x[B,T,D]) and the q/k/v/o/MLP bias additions rely on "
-    "implicit rank promotion; fix: broadcast explicitly, e.g. scale[None, None, :] / bias[None, None]",
-)
-def test_model_runs_with_rank_promotion_raise() -> None:
-    model = _tiny_model(VARIANTS["untied_biases_mha"])
-    with jax.numpy_rank_promotion("raise"):
-        model(_tokens(11, 1, 3), _positions(1, 3))
 
 
 def test_call_rejects_mismatched_cache() -> None:
