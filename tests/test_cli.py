@@ -9,7 +9,6 @@ import pytest
 
 from lcm import cli
 from lcm.config import load_config
-from lcm.io.fetch import model_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,14 +67,7 @@ def test_configs_load_and_override() -> None:
     assert cpu.passkey.trials == 1 and "yarn:factor=2" in cpu.rope
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    path = model_path("smollm2", download=True)
-    assert path is not None
-    return path
-
-
-def test_real_model_passkey_1k_2k_ten_of_ten(capsys: pytest.CaptureFixture[str], smollm2: Path) -> None:
+def test_real_model_passkey_1k_2k_ten_of_ten(capsys: pytest.CaptureFixture[str], smollm2_gguf: Path) -> None:
     """The issue's bar, in CI: SmolLM2 with the full cache retrieves every passkey at 1k and 2k tokens."""
     code, out, _ = run_cli(
         capsys, "eval", "passkey", "--model", "smollm2", "--lengths", "1024,2048", "--trials", "10", "--json"
@@ -85,7 +77,7 @@ def test_real_model_passkey_1k_2k_ten_of_ten(capsys: pytest.CaptureFixture[str],
     assert payload["accuracy"] == {"1024": 1.0, "2048": 1.0}, payload["outputs"]
 
 
-def test_real_model_perplexity_json(capsys: pytest.CaptureFixture[str], smollm2: Path, tmp_path: Path) -> None:
+def test_real_model_perplexity_json(capsys: pytest.CaptureFixture[str], smollm2_gguf: Path, tmp_path: Path) -> None:
     import inspect
     import typing
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lcm.io.fetch import cache_dir, model_path
+from lcm.io.fetch import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
@@ -41,12 +41,10 @@ def test_there_are_notebooks() -> None:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path: Path, kernel_env: None, tmp_path: Path) -> None:
+def test_notebook_runs(path: Path, kernel_env: None, tmp_path: Path, smollm2_gguf: Path) -> None:
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(path, as_version=4)
-    if 'load_model("smollm2")' in path.read_text() and model_path("smollm2", download=False) is None:
-        pytest.skip("SmolLM2 GGUF not cached; run `lcm fetch-model smollm2` first")
 
     client = nbclient.NotebookClient(
         nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}

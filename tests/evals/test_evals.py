@@ -8,15 +8,13 @@ from flax import nnx
 
 from lcm.evals import niah, passkey, perplexity, texts
 from lcm.generate import Engine
-from lcm.io.fetch import model_path
 from lcm.io.tokenizer import load_tokenizer
 from lcm.models.llama import Llama, LlamaConfig
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    path = model_path("smollm2", download=True)
-    return load_tokenizer(path)
+def tokenizer(smollm2_gguf):
+    return load_tokenizer(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ the top-5 next tokens agree with ``transformers.AutoModelForCausalLM.from_pretra
 from __future__ import annotations
 
 import inspect
-import os
 import typing
 from pathlib import Path
 
@@ -210,19 +209,6 @@ def test_file_truncated_in_the_tensor_data_is_rejected(tmp_path: Path) -> None:
 # --- the real SmolLM2 GGUF against transformers --------------------------------------------------------------
 
 NUM_TOKENS = 1024
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf() -> Path:
-    """The cached SmolLM2 GGUF (`lcm fetch-model smollm2`), else `$LCM_SMOLLM2_GGUF`; skip if neither."""
-    from lcm.io.fetch import model_path
-
-    path = model_path("smollm2", download=False)
-    if path is None and os.environ.get("LCM_SMOLLM2_GGUF"):
-        path = Path(os.environ["LCM_SMOLLM2_GGUF"])
-    if path is None or not path.is_file():
-        pytest.skip("SmolLM2 GGUF not cached; run lcm.io.fetch.model_path('smollm2') or set LCM_SMOLLM2_GGUF")
-    return path
 
 
 def test_truncated_real_gguf_is_rejected(smollm2_gguf: Path, tmp_path: Path) -> None:

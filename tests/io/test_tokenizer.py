@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import gguf
@@ -12,7 +11,6 @@ import jinja2
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lcm.io.fetch import model_path
 from lcm.io.tokenizer import (
     GGUF_PRE_TOKENIZERS,
     TOKEN_TYPE_CONTROL,
@@ -290,17 +288,6 @@ def test_load_tokenizer_errors(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # The real SmolLM2 GGUF
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf() -> Path:
-    """The cached SmolLM2 GGUF (`lcm fetch-model smollm2`), else `$LCM_SMOLLM2_GGUF`; skip if neither."""
-    path = model_path("smollm2", download=False)
-    if path is None and os.environ.get("LCM_SMOLLM2_GGUF"):
-        path = Path(os.environ["LCM_SMOLLM2_GGUF"])
-    if path is None or not path.is_file():
-        pytest.skip("SmolLM2 GGUF not cached; run lcm.io.fetch.model_path('smollm2') or set LCM_SMOLLM2_GGUF")
-    return path
 
 
 @pytest.fixture(scope="module")
