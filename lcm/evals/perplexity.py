@@ -42,7 +42,26 @@ def prefix_nll(engine: Engine, ids: np.ndarray, length: int) -> PerplexityResult
 
 
 def perplexity_vs_length(engine: Engine, ids: np.ndarray, lengths: list[int]) -> list[PerplexityResult]:
-    return [prefix_nll(engine, ids, n) for n in lengths]
+    """:func:`prefix_nll` at each length, from one causal pass over the longest prefix where that is exact.
+
+    Attention is causal, so the first ``n - 1`` per-token NLLs of a pass over ``max(lengths)`` tokens are those of
+    a pass over ``n`` tokens whenever the RoPE tables are the same at both lengths. Variants whose tables depend on
+    the length (dynamic NTK, LongRoPE past the trained context) get a pass of their own at each length.
+    """
+    ids = np.asarray(ids)
+    longest = max(lengths)
+    if ids.shape[-1] < longest:
+        raise ValueError(f"the text has {ids.shape[-1]} tokens, fewer than the requested length {longest}")
+    nlls = engine.token_nlls(ids[:longest][None])[0]
+    inv_freq, factor = engine.model.rope_tables(longest)
+    results = []
+    for n in lengths:
+        inv_freq_n, factor_n = engine.model.rope_tables(n)
+        if np.array_equal(inv_freq_n, inv_freq) and float(factor_n) == float(factor):
+            results.append(PerplexityResult(length=n, nll=float(nlls[: n - 1].mean()), n_tokens=n - 1))
+        else:
+            results.append(prefix_nll(engine, ids, n))
+    return results
 
 
 def sliding_window_nll(engine: Engine, ids: np.ndarray, length: int, stride: int) -> PerplexityResult:

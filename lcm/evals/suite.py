@@ -174,9 +174,8 @@ def run_suite(cfg: ml_collections.ConfigDict, log: Callable[[str], None] = print
             results["niah"][rope] = {k: payload[k] for k in ("lengths", "depths", "scores", "mean_score")}
             log(f"[{rope}] NIAH mean answer recall: {payload['mean_score']:.2f}")
         if cfg.perplexity.lengths:
-            rows = []
-            for n in tqdm(cfg.perplexity.lengths, desc=f"perplexity [{rope}]", leave=False):
-                rows.append(perplexity.prefix_nll(engine, code_ids, n).to_dict())
+            lengths = list(cfg.perplexity.lengths)
+            rows = [r.to_dict() for r in perplexity.perplexity_vs_length(engine, code_ids, lengths)]
             results["perplexity"][rope] = rows
             log(f"[{rope}] perplexity: " + ", ".join(f"{r['length']}: {r['ppl']:.2f}" for r in rows))
         results["seconds"][rope] = round(time.time() - t0, 1)

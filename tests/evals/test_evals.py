@@ -103,3 +103,21 @@ def test_sliding_window_scores_every_token_once(tiny_engine: Engine) -> None:
     assert strided.n_tokens == 69
     with pytest.raises(ValueError, match="stride"):
         perplexity.sliding_window_nll(tiny_engine, ids, length=30, stride=31)
+
+
+@pytest.mark.parametrize("rope", ["default", "dynamic"])
+def test_perplexity_vs_length_equals_prefix_nll_at_each_length(tiny_engine: Engine, rope: str) -> None:
+    """One long pass reused for every length must equal separate passes; dynamic NTK must not reuse it."""
+    from lcm.models.llama import with_config
+
+    model = tiny_engine.model
+    if rope == "dynamic":  # trained length 24: lengths 40 and 60 get different frequencies
+        cfg = model.config.with_rope("dynamic", {"factor": 2.0, "original_max_position_embeddings": 24})
+        model = with_config(model, cfg)
+    engine = tiny_engine.with_model(model)
+    ids = np.random.default_rng(2).integers(0, 97, 60)
+    swept = perplexity.perplexity_vs_length(engine, ids, [10, 40, 60])
+    separate = [perplexity.prefix_nll(engine, ids, n) for n in (10, 40, 60)]
+    for a, b in zip(swept, separate, strict=True):
+        assert a.n_tokens == b.n_tokens
+        np.testing.assert_allclose(a.nll, b.nll, rtol=1e-5)
