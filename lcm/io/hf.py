@@ -8,6 +8,7 @@ read from ``rope_scaling`` (transformers 4) or ``rope_parameters`` (transformers
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -80,38 +81,41 @@ def config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> LlamaConfig
     )
 
 
-def _hf_name(path: tuple[str, ...]) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
-    """lcm parameter path -> (HF tensor name, converter from the HF array to lcm's layout)."""
-    if path == ("embed",):
-        return "model.embed_tokens.weight", lambda w: w
-    if path == ("final_norm", "scale"):
-        return "model.norm.weight", lambda w: w
-    if path == ("lm_head",):
-        return "lm_head.weight", lambda w: w.T
-    _, layer, module, name = path[:4] if len(path) == 4 else (*path, "")
-    prefix = f"model.layers.{layer}"
-    if module in ("input_norm", "post_attention_norm"):
-        hf_module = "input_layernorm" if module == "input_norm" else "post_attention_layernorm"
-        return f"{prefix}.{hf_module}.weight", lambda w: w
-    if module == "attn":
-        proj, kind = name.split("_")
-        hf = f"{prefix}.self_attn.{proj}_proj.{'weight' if kind == 'proj' else 'bias'}"
-        return hf, lambda w: w  # reshaped by the caller, which knows the target shape
-    if module == "mlp":
-        proj, kind = name.split("_")
-        hf = f"{prefix}.mlp.{proj}_proj.{'weight' if kind == 'proj' else 'bias'}"
-        return hf, (lambda w: w.T) if kind == "proj" else (lambda w: w)
-    raise KeyError(f"no HF name for lcm parameter {'.'.join(path)}")
+_LAYER_MODULES = {
+    "input_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "attn": "self_attn",
+    "mlp": "mlp",
+}
 
 
-def _to_lcm_layout(path: tuple[str, ...], w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if len(path) == 4 and path[2] == "attn":
-        if path[3] == "o_proj":  # HF [d, h*hd] -> [h, hd, d]
-            return w.T.reshape(shape)
-        if path[3].endswith("_proj"):  # HF [h*hd, d] -> [d, h, hd]
-            return w.T.reshape(shape)
-        return w.reshape(shape)  # biases
-    return w
+def _hf_name(path: tuple[str, ...]) -> str:
+    """lcm parameter path (e.g. ``("layers", "3", "attn", "q_bias")``) -> HF tensor name."""
+    top = {
+        ("embed",): "model.embed_tokens.weight",
+        ("final_norm", "scale"): "model.norm.weight",
+        ("lm_head",): "lm_head.weight",
+    }
+    if path in top:
+        return top[path]
+    if len(path) != 4 or path[0] != "layers" or path[2] not in _LAYER_MODULES:
+        raise KeyError(f"no HF name for lcm parameter {'.'.join(path)}")
+    _, layer, module, name = path
+    if name == "scale":
+        return f"model.layers.{layer}.{_LAYER_MODULES[module]}.weight"
+    proj, kind = name.split("_")  # q_proj -> q_proj.weight, q_bias -> q_proj.bias
+    return f"model.layers.{layer}.{_LAYER_MODULES[module]}.{proj}_proj.{'weight' if kind == 'proj' else 'bias'}"
+
+
+def _to_lcm_layout(name: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """HF stores matrices ``[out, in]`` (the embedding ``[vocab, embed]``, as lcm); lcm ``[in, out]``, with
+    attention heads split out: ``q_proj [d, h, hd]``, ``o_proj [h, hd, d]``."""
+    if w.ndim == 2 and name != "model.embed_tokens.weight":
+        w = w.T
+    splits = {(math.prod(shape[:k]), math.prod(shape[k:])) for k in range(1, len(shape))}
+    if w.size != math.prod(shape) or (w.ndim == 2 and len(shape) > 1 and w.shape not in splits):
+        raise ValueError(f"tensor {name} does not fit the config's parameter shape {shape}")
+    return w.reshape(shape)
 
 
 def llama_from_tensors(
@@ -121,17 +125,15 @@ def llama_from_tensors(
     model = abstract_model(cfg)
     leaves: list[tuple[tuple[str, ...], Any]] = []
     map_params(model, lambda path, leaf: leaves.append((path, leaf)) or leaf)
-    needed = {_hf_name(path)[0] for path, _ in leaves}
+    needed = {_hf_name(path) for path, _ in leaves}
     missing = sorted(needed - names)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     bar = tqdm(total=len(leaves), desc="loading weights", unit="tensor", disable=not progress, leave=False)
 
     def load(path: tuple[str, ...], leaf: Any) -> Any:
-        name, convert = _hf_name(path)
-        w = _to_lcm_layout(path, convert(np.asarray(get_tensor(name), np.float32)), tuple(leaf.shape))
-        if w.shape != tuple(leaf.shape):
-            raise ValueError(f"tensor {name} has shape {w.shape}; the config implies {tuple(leaf.shape)}")
+        name = _hf_name(path)
+        w = _to_lcm_layout(name, np.asarray(get_tensor(name), np.float32), tuple(leaf.shape))
         bar.update()
         return jnp.asarray(w, dtype=leaf.dtype)
 
