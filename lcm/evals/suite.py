@@ -57,6 +57,8 @@ def _plot(out: Path, results: dict[str, Any]) -> None:
     for rope, rows in results["perplexity"].items():
         ax.plot([r["length"] for r in rows], [r["ppl"] for r in rows], marker="o", label=rope)
     ax.set_xscale("log", base=2)
+    ticks = sorted({r["length"] for rows in results["perplexity"].values() for r in rows})
+    ax.set_xticks(ticks, [str(n) for n in ticks])
     ax.set_xlabel("tokens")
     ax.set_ylabel("perplexity")
     ax.set_title(f"{results['model']}: perplexity vs length")
@@ -70,6 +72,8 @@ def _plot(out: Path, results: dict[str, Any]) -> None:
         lengths = sorted(int(n) for n in acc)
         ax.plot(lengths, [acc[str(n)] for n in lengths], marker="o", label=rope)
     ax.set_xscale("log", base=2)
+    ticks = sorted({int(n) for acc in results["passkey"].values() for n in acc})
+    ax.set_xticks(ticks, [str(n) for n in ticks])
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("tokens")
     ax.set_ylabel("passkey accuracy")

@@ -121,3 +121,20 @@ def test_perplexity_vs_length_equals_prefix_nll_at_each_length(tiny_engine: Engi
     for a, b in zip(swept, separate, strict=True):
         assert a.n_tokens == b.n_tokens
         np.testing.assert_allclose(a.nll, b.nll, rtol=1e-5)
+
+
+def test_suite_table_and_plots(tmp_path) -> None:
+    from lcm.evals.suite import _plot, markdown_table
+
+    results = {
+        "model": "m",
+        "passkey": {"none": {"1024": 1.0, "2048": 0.5}, "ntk:factor=2": {"1024": 1.0}},
+        "perplexity": {"none": [{"length": 512, "ppl": 12.345}], "ntk:factor=2": [{"length": 512, "ppl": 13.0}]},
+        "niah": {"none": {"mean_score": 0.75}},
+    }
+    table = markdown_table(results).splitlines()
+    assert table[0] == "| RoPE | passkey 1024 | passkey 2048 | ppl 512 | NIAH mean |"
+    assert table[2] == "| `none` | 100% | 50% | 12.35 | 0.75 |"
+    assert table[3] == "| `ntk:factor=2` | 100% |  | 13.00 |  |"
+    _plot(tmp_path, results)
+    assert (tmp_path / "perplexity.png").stat().st_size > 0 and (tmp_path / "passkey.png").stat().st_size > 0
