@@ -114,6 +114,15 @@ class Engine:
     def _chunks(self, length: int) -> list[tuple[int, int]]:
         return [(s, min(self.chunk_size, length - s)) for s in range(0, length, self.chunk_size)]
 
+    def _pad(self, rows: np.ndarray, start: int, n: int) -> np.ndarray:
+        """Columns ``start…start+n`` of ``rows``, right-padded with zeros to one chunk."""
+        chunk = np.zeros((rows.shape[0], self.chunk_size), np.int32)
+        chunk[:, :n] = rows[:, start : start + n]
+        return chunk
+
+    def _positions(self, batch: int, start: int) -> np.ndarray:
+        return np.broadcast_to(np.arange(start, start + self.chunk_size, dtype=np.int32), (batch, self.chunk_size))
+
     def prefill(self, tokens: np.ndarray, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Feed ``tokens [B, T]`` (positions ``0…T-1``) chunk by chunk; logits ``[B, V]`` at the last one."""
         tokens = self._check_tokens(tokens)
@@ -126,9 +135,7 @@ class Engine:
         rope_seq_len = jnp.int32(length)  # one scale for the whole prompt, as a single transformers forward
         logits = None
         for start, n in self._chunks(length):
-            chunk = np.zeros((batch, self.chunk_size), np.int32)
-            chunk[:, :n] = tokens[:, start : start + n]
-            positions = np.broadcast_to(np.arange(start, start + self.chunk_size, dtype=np.int32), chunk.shape)
+            chunk, positions = self._pad(tokens, start, n), self._positions(batch, start)
             logits, cache = _prefill_chunk(
                 self.graphdef, self.params, chunk, positions, jnp.int32(n), rope_seq_len, cache
             )
@@ -168,11 +175,8 @@ class Engine:
         targets_all = np.concatenate([tokens[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
         nlls = []
         for start, n in self._chunks(length):
-            chunk = np.zeros((batch, self.chunk_size), np.int32)
-            targets = np.zeros_like(chunk)
-            chunk[:, :n] = tokens[:, start : start + n]
-            targets[:, :n] = targets_all[:, start : start + n]
-            positions = np.broadcast_to(np.arange(start, start + self.chunk_size, dtype=np.int32), chunk.shape)
+            chunk, targets = self._pad(tokens, start, n), self._pad(targets_all, start, n)
+            positions = self._positions(batch, start)
             nll, cache = _nll_chunk(
                 self.graphdef, self.params, chunk, targets, positions, jnp.int32(n), rope_seq_len, cache
             )
