@@ -23,6 +23,23 @@ from lcm.cache.kv import KVCache
 from lcm.models.llama import Llama
 
 
+def _run_chunk(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens_BxC: jax.Array,
+    positions_BxC: jax.Array,
+    num_valid: jax.Array,
+    rope_seq_len: jax.Array,
+    cache: KVCache,
+) -> tuple[Llama, jax.Array, KVCache]:
+    """One right-padded prefill chunk through the decoder (traced inside the jitted callers below)."""
+    model = nnx.merge(graphdef, params)
+    hidden_BxCxD, cache = model.hidden_states(
+        tokens_BxC, positions_BxC, cache, num_valid=num_valid, rope_seq_len=rope_seq_len
+    )
+    return model, hidden_BxCxD, cache
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
 def _prefill_chunk(
     graphdef: nnx.GraphDef,
@@ -33,10 +50,7 @@ def _prefill_chunk(
     rope_seq_len: jax.Array,
     cache: KVCache,
 ) -> tuple[jax.Array, KVCache]:
-    model = nnx.merge(graphdef, params)
-    hidden_BxCxD, cache = model.hidden_states(
-        tokens_BxC, positions_BxC, cache, num_valid=num_valid, rope_seq_len=rope_seq_len
-    )
+    model, hidden_BxCxD, cache = _run_chunk(graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache)
     last_BxD = jax.lax.dynamic_index_in_dim(hidden_BxCxD, num_valid - 1, axis=1, keepdims=False)
     return model.logits(last_BxD), cache
 
@@ -52,10 +66,7 @@ def _nll_chunk(
     rope_seq_len: jax.Array,
     cache: KVCache,
 ) -> tuple[jax.Array, KVCache]:
-    model = nnx.merge(graphdef, params)
-    hidden_BxCxD, cache = model.hidden_states(
-        tokens_BxC, positions_BxC, cache, num_valid=num_valid, rope_seq_len=rope_seq_len
-    )
+    model, hidden_BxCxD, cache = _run_chunk(graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache)
     logits_BxCxV = model.logits(hidden_BxCxD)
     logprobs = jax.nn.log_softmax(logits_BxCxV, axis=-1)
     nll_BxC = -jnp.take_along_axis(logprobs, targets_BxC[..., None], axis=-1)[..., 0]
