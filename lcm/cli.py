@@ -5,6 +5,7 @@
     lcm eval perplexity --model M --input FILE --length N [--stride S] [--rope SPEC] [--json]
     lcm eval passkey --model M --lengths 2048,8192 --trials 10 [--depth 0.5] [--seed 0] [--rope SPEC] [--json]
     lcm eval niah --model M --lengths ... --depths ... [--haystack FILE] --out DIR [--rope SPEC] [--json]
+    lcm bench cpu-inference [--lengths ...] [--engines lcm,transformers]   (needs a source checkout)
 
 Bad input (unknown RoPE variant, missing parameter, corrupt checkpoint, missing file) is one line on stderr and
 exit code 2. With ``--json`` the last line of stdout is one JSON object.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,16 +25,6 @@ EXIT_BAD_INPUT = 2
 
 class BadInput(Exception):
     """An error in what the user asked for: reported in one line, exit code 2."""
-
-
-def _enable_compilation_cache() -> None:
-    """Persistent XLA cache so a second run compiles nothing it compiled before (``LCM_COMPILE_CACHE``)."""
-    import jax
-
-    default = Path(os.environ.get("LCM_CACHE_DIR", Path.home() / ".cache" / "lcm")) / "xla"
-    jax.config.update("jax_compilation_cache_dir", os.environ.get("LCM_COMPILE_CACHE", str(default)))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def _int_list(text: str) -> list[int]:
@@ -139,6 +129,24 @@ def cmd_niah(args: argparse.Namespace) -> None:
     _emit(args, payload, f"lengths {payload['lengths']}\n{grid}\nwrote {args.out}/niah.png and niah.json")
 
 
+BENCHMARKS = {"cpu-inference": "cpu_inference.py"}
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Run a script of ``benchmarks/`` (they live beside the package, in a source checkout) with its own flags."""
+    import runpy
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    script = folder / BENCHMARKS[args.name]
+    if not script.is_file():
+        raise BadInput(f"lcm bench needs a source checkout: {script} does not exist")
+    sys.argv = [f"lcm bench {args.name}", *args.rest]
+    namespace = runpy.run_path(str(script))
+    code = namespace["main"](list(args.rest))
+    if code:
+        raise SystemExit(code)
+
+
 def cmd_fetch(args: argparse.Namespace) -> None:
     from lcm.io.fetch import model_path
 
@@ -179,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="path to a config file, optionally PATH:ARG")
     fetch = sub.add_parser("fetch-model", help="download a registered model into the cache")
     fetch.add_argument("name")
+    bench = sub.add_parser("bench", help="run a benchmark of benchmarks/ (its flags follow its name)")
+    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
     ev = sub.add_parser("eval", help="run one evaluation")
     evs = ev.add_subparsers(dest="eval", required=True)
 
@@ -222,22 +233,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "fetch-model":
             cmd_fetch(args)
             return 0
-        _enable_compilation_cache()
-        if args.command == "run":
-            cmd_run(args, overrides)
-        else:
-            if overrides:
-                raise BadInput(f"--config.* overrides apply to `lcm run` only, got {overrides[0]!r}")
-            if getattr(args, "trials", 1) <= 0:
-                raise BadInput(f"--trials={args.trials} must be positive")
-            if getattr(args, "depth", None) is not None and not 0 <= args.depth <= 1:
-                raise BadInput(f"--depth={args.depth} must lie in [0, 1]")
-            args.func(args)
+        if args.command == "bench":
+            cmd_bench(args)
+            return 0
+        from lcm.io.compile_cache import CompileStats, enable_compilation_cache
+
+        enable_compilation_cache()
+        stats = CompileStats()
+        with stats:
+            _dispatch(args, overrides)
+        summary = stats.summary()
+        print(
+            f"lcm: compiled {summary['compiled']} XLA programs in {summary['compile_seconds']:.1f} s "
+            f"({summary['cache_hits']} more loaded from the disk cache)",
+            file=sys.stderr,
+        )
     except (BadInput, ValueError, FileNotFoundError) as err:
         message = err.args[0] if err.args else str(err)
         print(f"lcm: error: {message}".splitlines()[0], file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def _dispatch(args: argparse.Namespace, overrides: Sequence[str]) -> None:
+    if args.command == "run":
+        cmd_run(args, overrides)
+    else:
+        if overrides:
+            raise BadInput(f"--config.* overrides apply to `lcm run` only, got {overrides[0]!r}")
+        if getattr(args, "trials", 1) <= 0:
+            raise BadInput(f"--trials={args.trials} must be positive")
+        if getattr(args, "depth", None) is not None and not 0 <= args.depth <= 1:
+            raise BadInput(f"--depth={args.depth} must lie in [0, 1]")
+        args.func(args)
 
 
 if __name__ == "__main__":

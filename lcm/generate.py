@@ -163,17 +163,36 @@ class Engine:
         batch, length = tokens.shape
         cache = self.new_cache(batch, length + max_new_tokens)
         logits, cache = self.prefill(tokens, cache)
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        out = [np.asarray(token)]
-        done = np.isin(out[-1], list(stop_ids))
+        first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return self.decode(first, length, cache, max_new_tokens, stop_ids)[0]
+
+    def decode(
+        self, first: jax.Array, position: int, cache: KVCache, max_new_tokens: int, stop_ids: Sequence[int] = ()
+    ) -> tuple[np.ndarray, KVCache]:
+        """Greedy tokens ``[B, <= max_new_tokens]`` starting with ``first [B]``, which sits at ``position``.
+
+        One compiled step per cache capacity, reused token after token; the only host transfer per step is
+        the sampled id (to test for ``stop_ids``).
+        """
+        batch = first.shape[0]
+        if position + max_new_tokens - 1 > cache.capacity:
+            raise ValueError(
+                f"decoding {max_new_tokens} tokens from position {position} needs a cache capacity of at least "
+                f"{position + max_new_tokens - 1}, got {cache.capacity}"
+            )
+        stops = np.asarray(list(stop_ids), np.int32)
+        token, out = first, [first]
+        done = np.isin(np.asarray(first), stops)
         for step in range(1, max_new_tokens):
             if done.all():
                 break
-            position = jnp.full((batch,), length + step - 1, jnp.int32)
-            token, cache = _decode_step(self.graphdef, self.params, token, position, cache)
-            out.append(np.asarray(token))
-            done |= np.isin(out[-1], list(stop_ids))
-        return np.stack(out, axis=1)
+            token, cache = _decode_step(
+                self.graphdef, self.params, token, jnp.full((batch,), position + step - 1, jnp.int32), cache
+            )
+            out.append(token)
+            if stops.size:  # the one host transfer per step, and only when a stop token must be checked
+                done |= np.isin(np.asarray(token), stops)
+        return np.stack([np.asarray(t) for t in out], axis=1), cache
 
     def token_nlls(self, tokens: np.ndarray) -> np.ndarray:
         """``[B, T-1]`` negative log-likelihoods of tokens ``1…T-1`` given their prefixes (one causal pass)."""

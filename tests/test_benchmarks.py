@@ -1,0 +1,73 @@
+"""The CPU benchmark's arithmetic and report, without running it (timings are never unit-tested)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from lcm.cli import main
+from lcm.models.llama import LlamaConfig
+
+_SPEC = importlib.util.spec_from_file_location(
+    "cpu_inference", Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_inference.py"
+)
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+def test_prefill_flops_match_the_issue_hand_count_at_8k() -> None:
+    # issue [I]: a causal 8k SmolLM2 prefill is ~4.1 TFLOP, 1.7 in the linear layers and 2.3 in attention
+    cfg = LlamaConfig()
+    total = bench.prefill_flops(cfg, 8192)
+    linear = 30 * 2 * 8192 * (576 * 576 * 2 + 2 * 576 * 192 + 3 * 576 * 1536)
+    attention = 30 * 4 * 9 * 64 * 8192 * 8193 / 2
+    assert total == pytest.approx(linear + attention + 2 * 576 * 49152)
+    assert linear == pytest.approx(1.74e12, rel=0.01) and attention == pytest.approx(2.32e12, rel=0.01)
+
+
+def test_markdown_reports_ratios_rates_and_token_agreement() -> None:
+    report = {
+        "date": "2026-11-25 12:00 UTC",
+        "device": "test CPU",
+        "versions": {"jax": "0"},
+        "matmul_peak_gflops": {"xla": 100.0, "torch": 90.0},
+        "config": "30 layers",
+        "decode_steps": 3,
+        "command": "python benchmarks/cpu_inference.py",
+        "rows": [
+            {
+                "length": 2048,
+                "flops": 500e9,
+                "lcm": {
+                    "prefill_s": 5.0,
+                    "compile_s": 12.0,
+                    "decode_ms": 40.0,
+                    "peak_rss_gib": 1.0,
+                    "first_token": 7,
+                    "decode_tokens": [7, 8, 9, 10],
+                },
+                "transformers": {
+                    "prefill_s": 10.0,
+                    "decode_ms": 50.0,
+                    "peak_rss_gib": 1.5,
+                    "first_token": 7,
+                    "decode_tokens": [7, 8, 1, 10],
+                },
+            },
+            {"length": 4096, "flops": 1e12, "lcm": {"prefill_s": 20.0, "first_token": 3}},
+        ],
+    }
+    text = bench.markdown(report)
+    row = next(line for line in text.splitlines() if line.startswith("| 2048"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == ["5.00", "10.00", "0.50"]
+    assert cells[4] == "100 (100%)" and cells[5] == "50"  # 500 GFLOP in 5 s against a 100 GFLOP/s peak
+    assert cells[9] == "0.80" and cells[12] == "2/4"  # decode ratio; tokens agree until the third
+    assert "| 4096 | 20.00 | — | — |" in text
+
+
+def test_bench_cli_rejects_an_unknown_engine(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "cpu-inference", "--engines", "lcm,llama.cpp"])
+    assert exit_info.value.code == 2
+    assert "unknown engine 'llama.cpp'" in capsys.readouterr().err
