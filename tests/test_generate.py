@@ -31,6 +31,7 @@ TINY = LlamaConfig(
     tie_embeddings=False,  # a tied random model just repeats its last token (its embedding matches itself best)
     attention_q_block=4,
     attention_kv_block=4,
+    attention_decode_kv_block=8,  # decode tiles differ from prefill tiles, and the cache spans several of them
 )
 PROMPT, NEW_TOKENS = 7, 6
 # Two float32 evaluations of the same model that differ only in attention tiling and chunking (the Engine's cached,

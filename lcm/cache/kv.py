@@ -1,8 +1,10 @@
 """The KV cache: an explicit pytree passed into and returned from the model.
 
-Layout: ``keys``/``values`` are ``[layers, batch, capacity, kv_heads, head_dim]`` buffers of fixed capacity
-(static shapes inside ``jax.jit``), ``positions`` ``[batch, capacity]`` the RoPE position of each slot and
-``length`` the number of filled slots (a traced scalar, the same for every row of the batch).
+Layout: ``keys``/``values`` are ``[layers, batch, kv_heads, capacity, head_dim]`` buffers of fixed capacity
+(static shapes inside ``jax.jit``), heads-major as in transformers' cache: a block of one head's keys is
+contiguous, so attention reads key blocks straight from the cache without a transposed copy. ``positions``
+``[batch, capacity]`` holds the RoPE position of each slot and ``length`` the number of filled slots (a traced
+scalar, the same for every row of the batch).
 
 With ``keys_pre_rope=True`` keys are stored *before* rotation and rotated at read time from ``positions``: a
 policy that renumbers positions (TokenSelect, InfiniPot, Locret, CLEX when its scale changes) then edits
@@ -20,15 +22,15 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    keys: jax.Array  # [L, B, S, K, D]
-    values: jax.Array  # [L, B, S, K, D]
+    keys: jax.Array  # [L, B, K, S, D]
+    values: jax.Array  # [L, B, K, S, D]
     positions: jax.Array  # [B, S] int32
     length: jax.Array  # [] int32, filled slots
     keys_pre_rope: bool = dataclasses.field(default=False, metadata={"static": True})
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[2]
+        return self.keys.shape[3]
 
     @property
     def num_bytes(self) -> int:
@@ -47,7 +49,7 @@ def init_cache(
     """An empty cache with room for ``capacity`` tokens per row."""
     if capacity <= 0 or batch <= 0:
         raise ValueError(f"cache capacity and batch must be positive, got capacity={capacity}, batch={batch}")
-    shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
+    shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
     return KVCache(
         keys=jnp.zeros(shape, dtype),
         values=jnp.zeros(shape, dtype),
@@ -62,7 +64,7 @@ def write_layer(
 ) -> tuple[jax.Array, jax.Array]:
     """Write ``k``/``v`` ``[B, T, K, D]`` into slots ``start…start+T`` of ``layer`` (in place under donation)."""
     zero = jnp.zeros((), jnp.int32)
-    index = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(start, jnp.int32), zero, zero)
-    cache_keys = jax.lax.dynamic_update_slice(cache_keys, k[None].astype(cache_keys.dtype), index)
-    cache_values = jax.lax.dynamic_update_slice(cache_values, v[None].astype(cache_values.dtype), index)
+    index = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(start, jnp.int32), zero)
+    cache_keys = jax.lax.dynamic_update_slice(cache_keys, k.swapaxes(1, 2)[None].astype(cache_keys.dtype), index)
+    cache_values = jax.lax.dynamic_update_slice(cache_values, v.swapaxes(1, 2)[None].astype(cache_values.dtype), index)
     return cache_keys, cache_values

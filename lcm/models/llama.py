@@ -55,6 +55,8 @@ class LlamaConfig:
     dtype: str = "float32"  # activation and parameter dtype: float32 | bfloat16 | float16
     attention_q_block: int = 256  # query rows per attention tile (chunked XLA attention)
     attention_kv_block: int = 256  # keys per attention tile; fully masked tiles are skipped
+    # keys per tile for single-token decode steps: few query rows, so bigger tiles amortise the loop (BENCHMARKS.md)
+    attention_decode_kv_block: int = 2048
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -68,6 +70,9 @@ class LlamaConfig:
             "num_layers",
             "num_heads",
             "num_kv_heads",
+            "attention_q_block",
+            "attention_kv_block",
+            "attention_decode_kv_block",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
@@ -239,18 +244,22 @@ class Llama(nnx.Module):
             if not cache.keys_pre_rope:
                 k = rope_ops.apply_rope(k, positions, inv_freq, attention_factor)
             keys, values = write_layer(keys, values, index, start, k, v)
-            layer_keys = keys[index]
-            if cache.keys_pre_rope:
-                layer_keys = rope_ops.apply_rope(layer_keys, cache_positions, inv_freq, attention_factor)
+            # attention reads layer `index` where it lies in the stacked cache (slicing it out here would copy it)
+            layer_keys, layer_values, layer = keys, values, index
+            if cache.keys_pre_rope:  # rotate the whole layer at read time (a KV policy may renumber positions)
+                rotated = rope_ops.apply_rope(keys[index].swapaxes(1, 2), cache_positions, inv_freq, attention_factor)
+                layer_keys, layer_values, layer = rotated.swapaxes(1, 2)[None], values[index][None], 0
             attn = chunked_attention(
                 q,
                 layer_keys,
-                values[index],
+                layer_values,
                 q_offset=start,
                 kv_length=start + seq,
                 window=cfg.sliding_window,
                 q_block=cfg.attention_q_block,
-                kv_block=cfg.attention_kv_block,
+                kv_block=cfg.attention_kv_block if seq > 1 else cfg.attention_decode_kv_block,
+                heads_first=True,
+                layer=layer,
             )
             x = x + block.attn.output(attn)
             x = x + block.mlp(block.post_attention_norm(x))

@@ -262,8 +262,8 @@ def test_incremental_decoding_matches_full_forward() -> None:
     # inherit attention round-off) and, at position 0 (no rotation), the same keys; later keys differ
     np.testing.assert_array_equal(rotated_cache.values[0], unrotated_cache.values[0])
     chex.assert_trees_all_close(rotated_cache.values, unrotated_cache.values, **F32_SAME_MATH_TOL)
-    chex.assert_trees_all_close(rotated_cache.keys[:, :, 0], unrotated_cache.keys[:, :, 0], **F32_SAME_MATH_TOL)
-    assert np.abs(np.asarray(rotated_cache.keys[:, :, 1:13] - unrotated_cache.keys[:, :, 1:13])).max() > 1e-2
+    chex.assert_trees_all_close(rotated_cache.keys[:, :, :, 0], unrotated_cache.keys[:, :, :, 0], **F32_SAME_MATH_TOL)
+    assert np.abs(np.asarray(rotated_cache.keys[:, :, :, 1:13] - unrotated_cache.keys[:, :, :, 1:13])).max() > 1e-2
 
 
 def test_rope_variant_swap_keeps_parameters() -> None:
