@@ -54,7 +54,7 @@ class LlamaConfig:
     sliding_window: int | None = None  # Mistral's attention window in tokens; None = full causal
     dtype: str = "float32"  # activation and parameter dtype: float32 | bfloat16 | float16
     attention_q_block: int = 256  # query rows per attention tile (chunked XLA attention)
-    attention_kv_block: int = 256  # keys per attention tile; fully masked tiles are skipped
+    attention_kv_block: int = 512  # keys per attention tile; fully masked tiles are skipped (BENCHMARKS.md)
     # keys per tile for single-token decode steps: few query rows, so bigger tiles amortise the loop (BENCHMARKS.md)
     attention_decode_kv_block: int = 2048
 
