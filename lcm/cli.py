@@ -5,7 +5,7 @@
     lcm eval perplexity --model M --input FILE --length N [--stride S] [--rope SPEC] [--json]
     lcm eval passkey --model M --lengths 2048,8192 --trials 10 [--depth 0.5] [--seed 0] [--rope SPEC] [--json]
     lcm eval niah --model M --lengths ... --depths ... [--haystack FILE] --out DIR [--rope SPEC] [--json]
-    lcm bench cpu-inference [--lengths ...] [--engines lcm,transformers]   (needs a source checkout)
+    lcm bench cpu-inference|prefill-breakdown [its own flags]   (needs a source checkout)
 
 Bad input (unknown RoPE variant, missing parameter, corrupt checkpoint, missing file) is one line on stderr and
 exit code 2. With ``--json`` the last line of stdout is one JSON object.
@@ -129,7 +129,7 @@ def cmd_niah(args: argparse.Namespace) -> None:
     _emit(args, payload, f"lengths {payload['lengths']}\n{grid}\nwrote {args.out}/niah.png and niah.json")
 
 
-BENCHMARKS = {"cpu-inference": "cpu_inference.py"}
+BENCHMARKS = {"cpu-inference": "cpu_inference.py", "prefill-breakdown": "prefill_breakdown.py"}
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

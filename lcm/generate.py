@@ -6,6 +6,11 @@ program serves every prompt of the same (chunk, capacity) shape: prompts are pro
 rounded up to a multiple of the chunk. Decoding compiles one step per capacity and is reused token after token;
 the cache is donated so XLA updates it in place. Attention memory is ``O(chunk x capacity)``, never
 ``O(context^2)``.
+
+The capacity is the bucket: an eval compiles at most three programs (prefill, NLL, decode) per distinct capacity,
+i.e. per distinct ``ceil((prompt + new tokens) / chunk_size)``, and RoPE variant; ``lcm`` reports the count of
+each run (:class:`lcm.io.compile_cache.CompileStats`). Inside a step nothing is spent on the empty tail of the
+cache: attention visits only the key blocks below the filled length (see :mod:`lcm.ops.attention`).
 """
 
 from __future__ import annotations

@@ -107,6 +107,25 @@ def test_generate_accepts_a_single_prompt(model: Llama) -> None:
     np.testing.assert_array_equal(one[0], _reference_greedy(model, prompts, NEW_TOKENS)[1])
 
 
+def test_decode_from_a_large_cache_bucket_matches_recomputed_greedy(model: Llama) -> None:
+    # a cache far larger than the sequence (decode tiles of 8 keys: 6 of them empty) attends to the filled blocks
+    # only; the tokens equal the from-scratch greedy loop's
+    engine = Engine(model, chunk_size=4)
+    prompts = _prompts(1, 2, PROMPT)
+    logits, cache = engine.prefill(prompts, engine.new_cache(2, 64))
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    out, cache = engine.decode(first, PROMPT, cache, NEW_TOKENS)
+    np.testing.assert_array_equal(out, _reference_greedy(model, prompts, NEW_TOKENS))
+    assert int(cache.length) == PROMPT + NEW_TOKENS - 1  # the last token is sampled, not yet written
+
+
+def test_decode_rejects_a_cache_too_small(model: Llama) -> None:
+    engine = Engine(model, chunk_size=4)
+    _, cache = engine.prefill(_prompts(1, 1, PROMPT), engine.new_cache(1, 8))
+    with pytest.raises(ValueError, match="needs a cache capacity of at least 13, got 8"):
+        engine.decode(jnp.zeros((1,), jnp.int32), PROMPT, cache, 7)
+
+
 def _expected_with_stops(full: np.ndarray, stop_ids: list[int]) -> np.ndarray:
     """``generate``'s rule applied to the unstopped output: a row is done after its first stop id (kept), and
     decoding ends once every row is done."""

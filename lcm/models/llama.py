@@ -13,6 +13,7 @@ logical axis names (``vocab, embed, heads, kv_heads, head_dim, mlp``) that ``lcm
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -181,6 +182,65 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
 
+@dataclasses.dataclass(frozen=True)
+class _LayerSettings:
+    """The static part of a decoder layer call (hashable: a ``jax.jit`` static argument)."""
+
+    window: int | None
+    q_block: int
+    kv_block: int
+    keys_pre_rope: bool
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decoder_layer(
+    settings: _LayerSettings,
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    x: Float[Array, "B T D"],
+    keys: Float[Array, "L B K S hd"],
+    values: Float[Array, "L B K S hd"],
+    layer: Int[Array, ""],
+    start: Int[Array, ""],
+    positions: Int[Array, "B T"],
+    cache_positions: Int[Array, "B S"],
+    inv_freq: Float[Array, " F"],
+    attention_factor: float | jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One pre-norm decoder layer over ``T`` new tokens, writing its keys and values into the stacked cache.
+
+    Jitted on its own, with the layer index a traced argument: the 30 layers of a model share one trace and one
+    lowered function inside the model's program (XLA inlines the calls), so tracing and lowering the model costs
+    one layer, not 30 — what a second run, whose XLA compilation comes from the disk cache, still pays.
+    """
+    block = nnx.merge(graphdef, params)
+    q, k, v = block.attn.project_qkv(block.input_norm(x))
+    q = rope_ops.apply_rope(q, positions, inv_freq, attention_factor)
+    if not settings.keys_pre_rope:
+        k = rope_ops.apply_rope(k, positions, inv_freq, attention_factor)
+    keys, values = write_layer(keys, values, layer, start, k, v)
+    # attention reads layer `layer` where it lies in the stacked cache (slicing it out here would copy it)
+    layer_keys, layer_values, read_layer = keys, values, layer
+    if settings.keys_pre_rope:  # rotate the whole layer at read time (a KV policy may renumber positions)
+        rotated = rope_ops.apply_rope(keys[layer].swapaxes(1, 2), cache_positions, inv_freq, attention_factor)
+        layer_keys, layer_values, read_layer = rotated.swapaxes(1, 2)[None], values[layer][None], 0
+    attn = chunked_attention(
+        q,
+        layer_keys,
+        layer_values,
+        q_offset=start,
+        kv_length=start + x.shape[1],
+        window=settings.window,
+        q_block=settings.q_block,
+        kv_block=settings.kv_block,
+        heads_first=True,
+        layer=read_layer,
+    )
+    x = x + block.attn.output(attn)
+    x = x + block.mlp(block.post_attention_norm(x))
+    return x, keys, values
+
+
 class Llama(nnx.Module):
     """Decoder-only LM. ``model(tokens, positions, cache) -> (logits, cache)``."""
 
@@ -238,31 +298,28 @@ class Llama(nnx.Module):
         cache_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (jnp.int32(0), start))
         keys, values = cache.keys, cache.values
         x = self.embed[...][tokens]
+        settings = _LayerSettings(
+            window=cfg.sliding_window,
+            q_block=cfg.attention_q_block,
+            kv_block=cfg.attention_kv_block if seq > 1 else cfg.attention_decode_kv_block,
+            keys_pre_rope=cache.keys_pre_rope,
+        )
         for index, block in enumerate(self.layers):
-            q, k, v = block.attn.project_qkv(block.input_norm(x))
-            q = rope_ops.apply_rope(q, positions, inv_freq, attention_factor)
-            if not cache.keys_pre_rope:
-                k = rope_ops.apply_rope(k, positions, inv_freq, attention_factor)
-            keys, values = write_layer(keys, values, index, start, k, v)
-            # attention reads layer `index` where it lies in the stacked cache (slicing it out here would copy it)
-            layer_keys, layer_values, layer = keys, values, index
-            if cache.keys_pre_rope:  # rotate the whole layer at read time (a KV policy may renumber positions)
-                rotated = rope_ops.apply_rope(keys[index].swapaxes(1, 2), cache_positions, inv_freq, attention_factor)
-                layer_keys, layer_values, layer = rotated.swapaxes(1, 2)[None], values[index][None], 0
-            attn = chunked_attention(
-                q,
-                layer_keys,
-                layer_values,
-                q_offset=start,
-                kv_length=start + seq,
-                window=cfg.sliding_window,
-                q_block=cfg.attention_q_block,
-                kv_block=cfg.attention_kv_block if seq > 1 else cfg.attention_decode_kv_block,
-                heads_first=True,
-                layer=layer,
+            block_graphdef, block_params = nnx.split(block)
+            x, keys, values = _decoder_layer(
+                settings,
+                block_graphdef,
+                block_params,
+                x,
+                keys,
+                values,
+                jnp.int32(index),
+                start,
+                positions,
+                cache_positions,
+                inv_freq,
+                attention_factor,
             )
-            x = x + block.attn.output(attn)
-            x = x + block.mlp(block.post_attention_norm(x))
         x = self.final_norm(x)
         new_cache = dataclasses.replace(
             cache, keys=keys, values=values, positions=cache_positions, length=start + num_valid
