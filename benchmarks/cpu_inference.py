@@ -155,13 +155,12 @@ def _cell_transformers(length: int, decode_steps: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lcm.io.checkpoints import load_model
     from lcm.io.fetch import model_path
+    from lcm.io.tokenizer import load_tokenizer
 
     path = model_path(MODEL)
-    _, tokenizer = load_model(MODEL, progress=False)  # the same token ids for both engines
-    ids = torch.tensor([prompt_tokens(tokenizer, length)])
-    del _
+    # the same token ids for both engines, from the GGUF's tokenizer alone: no lcm weights, no JAX in this process
+    ids = torch.tensor([prompt_tokens(load_tokenizer(path), length)])
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="sdpa"
     ).eval()

@@ -126,6 +126,12 @@ def _block_start(tiling: _Tiling, j: jax.Array) -> jax.Array:
     return jnp.minimum(j * tiling.kv_block, tiling.kv_len - tiling.kv_block)
 
 
+def _block_index(tiling: _Tiling, masks: _Masks, j: jax.Array) -> tuple[jax.Array, ...]:
+    """Start index of key block ``j`` of layer ``masks.layer`` in a stacked ``[L, B, K, S, D]`` buffer."""
+    zero = jnp.zeros((), jnp.int32)
+    return (masks.layer, zero, zero, _block_start(tiling, j), zero)
+
+
 def _key_block(tiling: _Tiling, masks: _Masks, x_LxBxKxSxD: jax.Array, j: jax.Array) -> jax.Array:
     """Key block ``j``, ``[B, K, kv_block, D]``, of layer ``masks.layer`` of a stacked heads-first cache.
 
@@ -133,9 +139,8 @@ def _key_block(tiling: _Tiling, masks: _Masks, x_LxBxKxSxD: jax.Array, j: jax.Ar
     would materialise a layer sliced outside the loop, a copy of the whole layer per decode step).
     """
     _, batch, heads, _, dim = x_LxBxKxSxD.shape
-    zero = jnp.zeros((), jnp.int32)
-    start = (masks.layer, zero, zero, _block_start(tiling, j), zero)
-    return jax.lax.dynamic_slice(x_LxBxKxSxD, start, (1, batch, heads, tiling.kv_block, dim))[0]
+    size = (1, batch, heads, tiling.kv_block, dim)
+    return jax.lax.dynamic_slice(x_LxBxKxSxD, _block_index(tiling, masks, j), size)[0]
 
 
 def _fully_visible(tiling: _Tiling, masks: _Masks, i: jax.Array, j: jax.Array) -> jax.Array:
@@ -291,10 +296,8 @@ def _add_key_block(
     tiling: _Tiling, masks: _Masks, acc_LxBxKxSxD: jax.Array, block_BxKxSxD: jax.Array, j: jax.Array
 ) -> jax.Array:
     """``acc[layer, :, :, block j] += block`` for a stacked heads-first accumulator (in place inside the loop)."""
-    zero = jnp.zeros((), jnp.int32)
-    start = (masks.layer, zero, zero, _block_start(tiling, j), zero)
     old = _key_block(tiling, masks, acc_LxBxKxSxD, j)
-    return jax.lax.dynamic_update_slice(acc_LxBxKxSxD, (old + block_BxKxSxD)[None], start)
+    return jax.lax.dynamic_update_slice(acc_LxBxKxSxD, (old + block_BxKxSxD)[None], _block_index(tiling, masks, j))
 
 
 _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
@@ -357,8 +360,9 @@ def chunked_attention(
     scale = head_dim**-0.5 if scale is None else scale
     q_block = min(q_block, q_len)
     kv_block = min(kv_block, cap)
+    tiling = _Tiling(q_len, cap, q_block, kv_block, group, window, sinks)
     num_q = -(-q_len // q_block)
-    num_k = -(-cap // kv_block)
+    num_k = _num_key_blocks(tiling)
     kv_length = jnp.minimum(kv_length, cap)
     # queries are padded to whole blocks (padded rows are dropped); the cache is never padded or copied: key
     # blocks are sliced from it in the loop, the last one shifted back when S is not a multiple of kv_block
@@ -378,7 +382,6 @@ def chunked_attention(
         if cap % kv_block:  # the shifted last block also holds the end of the previous one
             k_seg_max = k_seg_max.at[-1].max(k_segments[:, cap - kv_block :].max())
         masks = _Masks(q_offset, kv_length, q_seg, k_segments, k_seg_max, layer)
-    tiling = _Tiling(q_len, cap, q_block, kv_block, group, window, sinks)
 
     out = _flash_attention(tiling, q_blocks, k, v, masks)  # [nq, B, K, G*qb, D]
     out = out.reshape(num_q, batch, num_kv_heads, group, q_block, head_dim).transpose(1, 0, 4, 2, 3, 5)
