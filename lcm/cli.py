@@ -5,6 +5,8 @@
     lcm eval perplexity --model M --input FILE --length N [--stride S] [--rope SPEC] [--json]
     lcm eval passkey --model M --lengths 2048,8192 --trials 10 [--depth 0.5] [--seed 0] [--rope SPEC] [--json]
     lcm eval niah --model M --lengths ... --depths ... [--haystack FILE] --out DIR [--rope SPEC] [--json]
+    lcm eval grid --model M --tasks T1,T2,file:X.jsonl --lengths ... [--rope SPEC ...] [--policy NAME ...]
+        [--budget N,...] [--samples 5] [--batch-size 4] --out DIR [--json]
     lcm bench cpu-inference|prefill-breakdown [its own flags]   (needs a source checkout)
 
 Bad input (unknown RoPE variant, missing parameter, corrupt checkpoint, missing file) is one line on stderr and
@@ -129,6 +131,46 @@ def cmd_niah(args: argparse.Namespace) -> None:
     _emit(args, payload, f"lengths {payload['lengths']}\n{grid}\nwrote {args.out}/niah.png and niah.json")
 
 
+def _str_list(text: str) -> list[str]:
+    values = [s.strip() for s in text.split(",") if s.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return values
+
+
+def _budgets(text: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"budgets must be token counts >= 0 (0 = full cache), got {text!r}")
+    return values
+
+
+def cmd_grid(args: argparse.Namespace) -> None:
+    from lcm.evals.grid import GridSpec, run_grid
+
+    spec = GridSpec(
+        model=args.model,
+        tasks=tuple(args.tasks),
+        lengths=tuple(args.lengths),
+        ropes=tuple(args.rope or ["none"]),
+        policies=tuple(args.policy or ["full"]),
+        budgets=tuple(args.budget),
+        num_samples=args.samples,
+        seed=args.seed,
+        depths=tuple(args.depths) if args.depths else None,
+        batch_size=args.batch_size,
+        chat=not args.no_chat,
+        chunk_size=args.chunk_size,
+        dtype=args.dtype,
+        out_dir=args.out,
+    )
+    summary = run_grid(spec, log=lambda line: print(line, file=sys.stderr))
+    _emit(args, summary, f"wrote {summary['results_md']}")
+
+
 BENCHMARKS = {"cpu-inference": "cpu_inference.py", "prefill-breakdown": "prefill_breakdown.py"}
 
 
@@ -157,9 +199,10 @@ JOBS: dict[str, Callable[..., Any]] = {}
 
 
 def _jobs() -> dict[str, Callable[..., Any]]:
+    from lcm.evals.grid import run_grid_job
     from lcm.evals.suite import run_suite
 
-    return {"long_context_suite": run_suite, **JOBS}
+    return {"long_context_suite": run_suite, "eval_grid": run_grid_job, **JOBS}
 
 
 def cmd_run(args: argparse.Namespace, overrides: Sequence[str]) -> None:
@@ -221,6 +264,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer", default=ANSWER)
     p.add_argument("--answer-prefix", default=ANSWER_PREFIX)
     p.set_defaults(func=cmd_niah)
+
+    p = evs.add_parser("grid", help="every task x length x RoPE x KV policy; resumable (results.jsonl)")
+    p.add_argument("--model", default="smollm2", help="registered name, a .gguf file or an HF folder")
+    p.add_argument("--tasks", type=_str_list, required=True, help="task names or file:PATH.jsonl, comma-separated")
+    p.add_argument("--lengths", type=_int_list, required=True)
+    p.add_argument("--rope", action="append", help="a RoPE spec; repeat the flag to compare several")
+    p.add_argument("--policy", action="append", help="a KV policy name; repeat the flag to compare several")
+    p.add_argument("--budget", type=_budgets, default=[0], help="KV budgets in tokens (0 = full cache)")
+    p.add_argument("--samples", type=int, default=5, help="samples per (task, length)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--depths", type=_float_list, default=None, help="needle depths cycled over samples")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per prefill/decode batch")
+    p.add_argument("--no-chat", action="store_true", help="plain prompts, no chat template")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens")
+    p.add_argument("--out", required=True, help="folder for results.jsonl, results.md and plots")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.set_defaults(func=cmd_grid)
     return parser
 
 

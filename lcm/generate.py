@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -124,8 +124,15 @@ class Engine:
             )
         return tokens.astype(np.int32)
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        return self.model.init_cache(batch, _round_up(capacity, self.chunk_size), self.keys_pre_rope)
+    def new_cache(self, batch: int, capacity: int, starts: np.ndarray | None = None) -> KVCache:
+        """An empty cache of ``capacity`` (rounded up to a chunk) slots; ``starts [B]`` for left-padded rows."""
+        cache = self.model.init_cache(batch, _round_up(capacity, self.chunk_size), self.keys_pre_rope)
+        if starts is not None:
+            starts = np.asarray(starts, np.int32)
+            if starts.shape != (batch,) or starts.min() < 0:
+                raise ValueError(f"starts must be {batch} non-negative slots, got {starts.tolist()}")
+            cache = dataclasses.replace(cache, starts=jnp.asarray(starts))
+        return cache
 
     def _chunks(self, length: int) -> list[tuple[int, int]]:
         return [(s, min(self.chunk_size, length - s)) for s in range(0, length, self.chunk_size)]
@@ -136,8 +143,13 @@ class Engine:
         chunk[:, :n] = rows[:, start : start + n]
         return chunk
 
-    def _positions(self, batch: int, start: int) -> np.ndarray:
-        return np.broadcast_to(np.arange(start, start + self.chunk_size, dtype=np.int32), (batch, self.chunk_size))
+    def _positions(self, cache: KVCache, start: int) -> np.ndarray:
+        """RoPE positions of one chunk's slots: the slot itself, or its distance from the row's first real slot."""
+        batch = cache.keys.shape[1]
+        slots = np.broadcast_to(np.arange(start, start + self.chunk_size, dtype=np.int32), (batch, self.chunk_size))
+        if cache.starts is None:
+            return slots
+        return np.maximum(slots - np.asarray(cache.starts)[:, None], 0)
 
     def prefill(self, tokens: np.ndarray, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Feed ``tokens [B, T]`` (positions ``0…T-1``) chunk by chunk; logits ``[B, V]`` at the last one."""
@@ -151,7 +163,7 @@ class Engine:
         rope_seq_len = jnp.int32(length)  # one scale for the whole prompt, as a single transformers forward
         logits = None
         for start, n in self._chunks(length):
-            chunk, positions = self._pad(tokens, start, n), self._positions(batch, start)
+            chunk, positions = self._pad(tokens, start, n), self._positions(cache, start)
             logits, cache = _prefill_chunk(
                 self.graphdef, self.params, chunk, positions, jnp.int32(n), rope_seq_len, cache
             )
@@ -171,10 +183,65 @@ class Engine:
         first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return self.decode(first, length, cache, max_new_tokens, stop_ids)[0]
 
+    def generate_many(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stop_ids: Sequence[int] = (),
+        batch_size: int = 1,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[np.ndarray]:
+        """Greedy continuations of prompts of any lengths, ``batch_size`` rows per prefill and decode.
+
+        Prompts are taken in order of length, so a batch is padded little, and left-padded to the batch's
+        longest (:meth:`left_pad`); the last batch is filled up with copies of its last prompt, so every batch
+        has the same shape and reuses the compiled programs of its capacity. Each continuation is cut after its
+        first stop token. Padding changes no result: a padded row computes what it computes alone (up to
+        float summation order), except under length-dependent RoPE (dynamic NTK, LongRoPE), where every row is
+        scaled for the batch's longest prompt, as transformers does in a batch. ``progress(n)`` is called with
+        the number of prompts finished after each batch.
+        """
+        if batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size} must be positive")
+        if not prompts:
+            return []
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        stops = set(stop_ids)
+        outputs: list[np.ndarray | None] = [None] * len(prompts)
+        for first in range(0, len(order), batch_size):
+            rows = order[first : first + batch_size]
+            batch = [prompts[i] for i in rows] + [prompts[rows[-1]]] * (batch_size - len(rows))
+            tokens, starts = self.left_pad(batch)
+            padded = bool(starts.any())
+            cache = self.new_cache(len(batch), tokens.shape[1] + max_new_tokens, starts if padded else None)
+            logits, cache = self.prefill(tokens, cache)
+            first_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            out, _ = self.decode(first_token, tokens.shape[1], cache, max_new_tokens, stop_ids)
+            for row, index in enumerate(rows):
+                ids = out[row]
+                hits = [k for k, t in enumerate(ids.tolist()) if t in stops]
+                outputs[index] = ids[: hits[0] + 1] if hits else ids
+            if progress is not None:
+                progress(len(rows))
+        return [o for o in outputs if o is not None]
+
+    def left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """``tokens [B, T]``, each prompt right-aligned after padding id 0, and ``starts [B]``: its first slot."""
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError(f"every prompt needs at least one token, got lengths {lengths}")
+        longest = max(lengths)
+        tokens = np.zeros((len(prompts), longest), np.int32)
+        for row, prompt in enumerate(prompts):
+            tokens[row, longest - len(prompt) :] = np.asarray(prompt, np.int32)
+        return tokens, longest - np.asarray(lengths, np.int32)
+
     def decode(
         self, first: jax.Array, position: int, cache: KVCache, max_new_tokens: int, stop_ids: Sequence[int] = ()
     ) -> tuple[np.ndarray, KVCache]:
-        """Greedy tokens ``[B, <= max_new_tokens]`` starting with ``first [B]``, which sits at ``position``.
+        """Greedy tokens ``[B, <= max_new_tokens]`` starting with ``first [B]``, which sits at slot ``position``.
+
+        Its RoPE position is the slot, less the row's padding for a left-padded cache (``cache.starts``).
 
         One compiled step per cache capacity, reused token after token; the only host transfer per step is
         the sampled id (to test for ``stop_ids``).
@@ -188,12 +255,13 @@ class Engine:
         stops = np.asarray(list(stop_ids), np.int32)
         token, out = first, [first]
         done = np.isin(np.asarray(first), stops)
+        # a host copy: the cache (its `starts` included) is donated to the step
+        offsets = np.zeros((batch,), np.int32) if cache.starts is None else np.asarray(cache.starts)
         for step in range(1, max_new_tokens):
             if done.all():
                 break
-            token, cache = _decode_step(
-                self.graphdef, self.params, token, jnp.full((batch,), position + step - 1, jnp.int32), cache
-            )
+            positions = jnp.asarray(position + step - 1 - offsets, jnp.int32)
+            token, cache = _decode_step(self.graphdef, self.params, token, positions, cache)
             out.append(token)
             if stops.size:  # the one host transfer per step, and only when a stop token must be checked
                 done |= np.isin(np.asarray(token), stops)
@@ -211,7 +279,7 @@ class Engine:
         nlls = []
         for start, n in self._chunks(length):
             chunk, targets = self._pad(tokens, start, n), self._pad(targets_all, start, n)
-            positions = self._positions(batch, start)
+            positions = self._positions(cache, start)
             nll, cache = _nll_chunk(
                 self.graphdef, self.params, chunk, targets, positions, jnp.int32(n), rope_seq_len, cache
             )

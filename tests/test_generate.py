@@ -216,3 +216,43 @@ def test_bad_arguments_are_rejected(model: Llama) -> None:
         ValueError, match="a prompt of 4 tokens in chunks of 3 needs a cache capacity of at least 6, got 3"
     ):
         engine.prefill(prompt, engine.new_cache(1, 2))
+
+
+# Left padding: a padded row against the same prompt alone. Both are float32 evaluations of the same model that
+# differ only in which masked key slots join the online-softmax blocks (their weight is exactly zero) and in the
+# blocks' summation order: logits O(1), round-off ~1e-6.
+PAD_TOL = {"atol": 2e-5, "rtol": 2e-5}
+
+
+@pytest.mark.parametrize("keys_pre_rope", [False, True])
+def test_left_padded_prefill_matches_each_prompt_alone(model: Llama, keys_pre_rope: bool) -> None:
+    engine = Engine(model, chunk_size=8, keys_pre_rope=keys_pre_rope)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, TINY.vocab_size, n).tolist() for n in (5, 19, 11, 3)]  # pads up to 16 = 2 chunks
+    tokens, starts = engine.left_pad(prompts)
+    assert tokens.shape == (4, 19) and starts.tolist() == [14, 0, 8, 16]
+    batched, _ = engine.prefill(tokens, engine.new_cache(4, 19, starts))
+    for row, prompt in enumerate(prompts):
+        alone, _ = engine.prefill(np.array([prompt]), engine.new_cache(1, len(prompt)))
+        chex.assert_trees_all_close(batched[row], alone[0], **PAD_TOL)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4])
+def test_generate_many_matches_greedy_of_each_prompt(model: Llama, batch_size: int) -> None:
+    engine = Engine(model, chunk_size=8)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, TINY.vocab_size, n).tolist() for n in (6, 13, 2, 9)]
+    outputs = engine.generate_many(prompts, NEW_TOKENS, batch_size=batch_size)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        np.testing.assert_array_equal(out, _reference_greedy(model, np.array([prompt]), NEW_TOKENS)[0])
+
+
+def test_generate_many_cuts_each_row_after_its_stop_token(model: Llama) -> None:
+    engine = Engine(model, chunk_size=8)
+    prompts = [_prompts(5, 1, 9)[0].tolist(), _prompts(6, 1, 4)[0].tolist()]
+    full = [engine.generate(np.array([p]), NEW_TOKENS)[0] for p in prompts]
+    stop = int(full[0][2])
+    outputs = engine.generate_many(prompts, NEW_TOKENS, stop_ids=[stop], batch_size=2)
+    for whole, out in zip(full, outputs, strict=True):
+        hits = np.flatnonzero(whole == stop)
+        np.testing.assert_array_equal(out, whole[: hits[0] + 1] if hits.size else whole)

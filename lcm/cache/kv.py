@@ -6,6 +6,11 @@ contiguous, so attention reads key blocks straight from the cache without a tran
 ``[batch, capacity]`` holds the RoPE position of each slot and ``length`` the number of filled slots (a traced
 scalar, the same for every row of the batch).
 
+A batch of prompts of different lengths is left-padded to a common length: ``starts[b]`` is the first real slot
+of row ``b``; the slots before it hold padding that no real query may see (the model turns ``starts`` into a
+two-segment document mask), and positions count from the first real slot, so each row computes what it would
+alone.
+
 With ``keys_pre_rope=True`` keys are stored *before* rotation and rotated at read time from ``positions``: a
 policy that renumbers positions (TokenSelect, InfiniPot, Locret, CLEX when its scale changes) then edits
 ``positions`` only. With ``False`` (the default, what transformers does) keys are stored rotated.
@@ -26,6 +31,7 @@ class KVCache:
     values: jax.Array  # [L, B, K, S, D]
     positions: jax.Array  # [B, S] int32
     length: jax.Array  # [] int32, filled slots
+    starts: jax.Array | None = None  # [B] int32: first real slot of each left-padded row; None = all rows start at 0
     keys_pre_rope: bool = dataclasses.field(default=False, metadata={"static": True})
 
     @property

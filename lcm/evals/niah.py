@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lcm.evals.metrics import word_recall
 from lcm.generate import Engine
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -35,9 +36,7 @@ class NeedleTask:
 
 
 def answer_recall(output: str, answer: str) -> float:
-    words = re.findall(r"\w+", answer.lower())
-    found = set(re.findall(r"\w+", output.lower()))
-    return sum(w in found for w in words) / max(len(words), 1)
+    return word_recall(output, [answer])
 
 
 def _render(tokenizer, context: str, task: NeedleTask, chat: bool) -> list[int]:

@@ -206,6 +206,8 @@ def _decoder_layer(
     cache_positions: Int[Array, "B S"],
     inv_freq: Float[Array, " F"],
     attention_factor: float | jax.Array,
+    q_segments: Int[Array, "B T"] | None = None,
+    k_segments: Int[Array, "B S"] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One pre-norm decoder layer over ``T`` new tokens, writing its keys and values into the stacked cache.
 
@@ -231,6 +233,8 @@ def _decoder_layer(
         q_offset=start,
         kv_length=start + x.shape[1],
         window=settings.window,
+        q_segments=q_segments,
+        k_segments=k_segments,
         q_block=settings.q_block,
         kv_block=settings.kv_block,
         heads_first=True,
@@ -297,6 +301,15 @@ class Llama(nnx.Module):
         start = cache.length
         cache_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (jnp.int32(0), start))
         keys, values = cache.keys, cache.values
+        segments = {}
+        if cache.starts is not None:  # left-padded rows: padding is segment 0, the prompt segment 1
+            chex.assert_shape(cache.starts, (batch,))
+            q_slots = start + jnp.arange(seq, dtype=jnp.int32)
+            k_slots = jnp.arange(cache.capacity, dtype=jnp.int32)
+            segments = {
+                "q_segments": (q_slots[None] >= cache.starts[:, None]).astype(jnp.int32),
+                "k_segments": (k_slots[None] >= cache.starts[:, None]).astype(jnp.int32),
+            }
         x = self.embed[...][tokens]
         settings = _LayerSettings(
             window=cfg.sliding_window,
@@ -319,6 +332,7 @@ class Llama(nnx.Module):
                 cache_positions,
                 inv_freq,
                 attention_factor,
+                **segments,
             )
         x = self.final_norm(x)
         new_cache = dataclasses.replace(

@@ -1,0 +1,178 @@
+"""The grid runner: cells, resuming, reports and bad input, on a tiny random model with the real tokenizer.
+
+The model is random (its scores mean nothing); what is tested is the bookkeeping: one JSON line per sample and
+method, nothing recomputed on a second run, only new cells on an extended run, a half-written last line redone,
+tables and plots written, and one-line errors before any compute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lcm.evals import grid
+from lcm.generate import Engine
+from lcm.io import checkpoints
+from lcm.io.tokenizer import load_tokenizer
+from lcm.models.llama import LlamaConfig, abstract_model, map_params
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_gguf):
+    return load_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture
+def tiny_model_loader(monkeypatch: pytest.MonkeyPatch, tokenizer):
+    """``load_model`` returning a 1-layer random model over the real vocabulary, and the real tokenizer."""
+    cfg = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        attention_q_block=64,
+        attention_kv_block=64,
+    )
+    rng = np.random.default_rng(0)
+    model = map_params(abstract_model(cfg), lambda path, leaf: rng.standard_normal(leaf.shape).astype(leaf.dtype))
+    calls = []
+
+    def load(spec, dtype="float32", progress=True):
+        calls.append(spec)
+        return model, tokenizer
+
+    monkeypatch.setattr(checkpoints, "load_model", load)
+    return calls
+
+
+def _spec(tmp_path, **overrides) -> grid.GridSpec:
+    values = dict(
+        tasks=("passkey", "niah"),
+        lengths=(256,),
+        num_samples=2,
+        batch_size=2,
+        chunk_size=128,
+        out_dir=str(tmp_path / "grid"),
+    )
+    return grid.GridSpec(**(values | overrides))
+
+
+def test_grid_writes_one_row_per_sample_resumes_and_reports(tmp_path, tiny_model_loader) -> None:
+    spec = _spec(tmp_path)
+    summary = grid.run_grid(spec, log=lambda _: None)
+    rows = grid.read_results(spec.out_dir)
+    assert len(rows) == 4
+    assert {(r["task"], r["index"]) for r in rows} == {(t, i) for t in ("passkey", "niah") for i in (0, 1)}
+    assert all(0.0 <= r["score"] <= 1.0 and r["n_tokens"] <= 256 for r in rows)
+    assert set(summary["scores"]) == {"passkey", "niah"}
+    out = tmp_path / "grid"
+    assert (out / "results.md").read_text().count("### ") == 2
+    assert (out / "summary.png").stat().st_size > 0 and (out / "heatmap_niah_depth.png").stat().st_size > 0
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("a finished sample was recomputed")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Engine, "generate_many", no_compute)
+        grid.run_grid(spec, log=lambda _: None)  # everything is done: nothing runs
+    assert len(grid.read_results(spec.out_dir)) == 4
+
+    computed = []
+    original = Engine.generate_many
+
+    def counting(self, prompts, *args, **kwargs):
+        computed.append(len(prompts))
+        return original(self, prompts, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Engine, "generate_many", counting)
+        grid.run_grid(_spec(tmp_path, lengths=(256, 320)), log=lambda _: None)  # one new length: only its cells
+    assert sum(computed) == 4
+    rows = grid.read_results(spec.out_dir)
+    assert len(rows) == 8 and sorted({r["length"] for r in rows}) == [256, 320]
+
+
+def test_a_half_written_last_line_is_redone(tmp_path, tiny_model_loader) -> None:
+    spec = _spec(tmp_path, tasks=("passkey",))
+    grid.run_grid(spec, log=lambda _: None)
+    path = tmp_path / "grid" / grid.RESULTS
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # killed while writing the last sample
+    assert len(grid.read_results(spec.out_dir)) == 1
+    grid.run_grid(spec, log=lambda _: None)
+    assert len(grid.read_results(spec.out_dir)) == 2
+
+
+def test_batched_cells_score_as_unbatched(tmp_path, tiny_model_loader) -> None:
+    """Samples of one cell differ in prompt length by a few tokens; left padding must change no output."""
+    cell = {"tasks": ("niah_single_2", "qa"), "lengths": (400,), "num_samples": 3}
+    one = grid.run_grid(_spec(tmp_path / "one", batch_size=1, **cell), log=lambda _: None)
+    three = grid.run_grid(_spec(tmp_path / "three", batch_size=3, **cell), log=lambda _: None)
+    rows_one = grid.read_results(tmp_path / "one" / "grid")
+    rows_three = grid.read_results(tmp_path / "three" / "grid")
+    assert len({r["n_tokens"] for r in rows_one}) > 2  # the prompts really differ in length
+    key = lambda r: (r["task"], r["index"])  # noqa: E731
+    assert [r["output"] for r in sorted(rows_one, key=key)] == [r["output"] for r in sorted(rows_three, key=key)]
+    assert one["scores"] == three["scores"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"tasks": ("ruler_nope",)}, "unknown task 'ruler_nope'"),
+        ({"tasks": ("file:/nonexistent.jsonl",)}, "no such JSONL file"),
+        ({"policies": ("snapkv2",)}, "unknown KV policy 'snapkv2'"),
+        ({"ropes": ("warp:factor=2",)}, "unknown rope variant 'warp'"),
+        ({"lengths": (0,)}, "positive lengths"),
+        ({"budgets": (512,)}, "need a KV policy other than `full`"),
+    ],
+)
+def test_bad_grid_specs_are_one_line_errors(tmp_path, overrides, message) -> None:
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(")):
+        _spec(tmp_path, **overrides)
+
+
+def test_a_length_below_a_task_minimum_fails_before_any_compute(tmp_path, tiny_model_loader, monkeypatch) -> None:
+    monkeypatch.setattr(Engine, "generate_many", lambda *a, **k: pytest.fail("ran before validating"))
+    with pytest.raises(ValueError, match="task 'passkey' at length 40: .*below"):
+        grid.run_grid(_spec(tmp_path, lengths=(256, 40)), log=lambda _: None)
+
+
+def test_markdown_tables_and_effective_length() -> None:
+    def row(task: str, length: int, score: float) -> dict:
+        return dict(
+            model="m",
+            task=task,
+            length=length,
+            rope="none",
+            policy="full",
+            budget=0,
+            seed=0,
+            index=0,
+            metric="string_match_all",
+            score=score,
+            depth=None,
+        )
+
+    scores = {1024: (1.0, 0.9), 2048: (0.9, 0.85), 4096: (0.5, 0.7)}  # averages 0.95, 0.875, 0.6
+    rows = [row(t, n, s[i]) for n, s in scores.items() for i, t in enumerate(("niah_single_1", "vt"))]
+    text = grid.markdown(rows)
+    assert "| none | 95.0 | 87.5 | 60.0 | 2048 |" in text  # 87.5 > 85.6 at 2k, 60 < 85.6 at 4k
+    assert "### vt (string_match_all x 100, 1 samples per cell)" in text
+    assert "| none | 90.0 | 85.0 | 70.0 |" in text
+
+
+def test_spec_from_config_rejects_unknown_fields() -> None:
+    from lcm.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "eval_grid.py") + ":smoke")
+    spec = grid.spec_from_config(cfg)
+    assert spec.tasks == ("niah_single_1", "vt") and spec.depths is None
+    cfg.unlock()
+    cfg.lenghts = (1,)
+    with pytest.raises(ValueError, match="unknown eval_grid field"):
+        grid.spec_from_config(cfg)
