@@ -176,3 +176,16 @@ def test_spec_from_config_rejects_unknown_fields() -> None:
     cfg.lenghts = (1,)
     with pytest.raises(ValueError, match="unknown eval_grid field"):
         grid.spec_from_config(cfg)
+
+
+def test_a_jsonl_file_runs_as_a_task_and_its_malformed_lines_are_counted(tmp_path, tiny_model_loader) -> None:
+    fixture = Path(__file__).parent / "fixtures" / "longbench_mini.jsonl"
+    good = fixture.read_text().splitlines()
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join([good[0], '{"context": "no input or answers"}', *good[1:3]]) + "\n")
+    logged: list[str] = []
+    with pytest.warns(UserWarning, match="mixed.jsonl:2: skipped"):
+        grid.run_grid(_spec(tmp_path, tasks=(f"file:{data}",), num_samples=0), log=logged.append)
+    assert any("1 malformed line(s) skipped" in line for line in logged)
+    rows = grid.read_results(tmp_path / "grid")
+    assert len(rows) == 3 and all(r["n_tokens"] <= 256 for r in rows)
