@@ -189,3 +189,19 @@ def test_a_jsonl_file_runs_as_a_task_and_its_malformed_lines_are_counted(tmp_pat
     assert any("1 malformed line(s) skipped" in line for line in logged)
     rows = grid.read_results(tmp_path / "grid")
     assert len(rows) == 3 and all(r["n_tokens"] <= 256 for r in rows)
+
+
+def test_padding_changes_no_output_on_the_real_model(smollm2_gguf, tokenizer) -> None:
+    """Three prompts of different lengths, batched (left-padded) and one by one, give the same greedy tokens."""
+    from lcm.evals.registry import get_task
+
+    model, _ = checkpoints.load_model(smollm2_gguf, progress=False)
+    engine = Engine(model, chunk_size=256)
+    cells = [("niah_single_2", 300), ("qa", 340), ("passkey", 260)]
+    prompts = [list(get_task(task)(tokenizer, length, 1, seed=1)[0].ids) for task, length in cells]
+    assert len({len(p) for p in prompts}) > 1  # the batch really is padded
+    stop = list(tokenizer.eos_ids)
+    batched = engine.generate_many(prompts, 12, stop, batch_size=3)
+    alone = [engine.generate_many([p], 12, stop)[0] for p in prompts]
+    for one, many in zip(alone, batched, strict=True):
+        np.testing.assert_array_equal(one, many)
