@@ -3,7 +3,8 @@
     lcm run CONFIG[:ARG] [--config.x=y ...]
     lcm fetch-model NAME
     lcm eval perplexity --model M --input FILE --length N [--stride S] [--rope SPEC] [--json]
-    lcm eval passkey --model M --lengths 2048,8192 --trials 10 [--depth 0.5] [--seed 0] [--rope SPEC] [--json]
+    lcm eval passkey --model M --lengths 2048,8192 --trials 10 [--depth 0.5] [--seed 0] [--rope SPEC]
+        [--policy NAME[:k=v,...] --budget N] [--json]
     lcm eval niah --model M --lengths ... --depths ... [--haystack FILE] --out DIR [--rope SPEC] [--json]
     lcm eval grid --model M --tasks T1,T2,file:X.jsonl --lengths ... [--rope SPEC ...] [--policy NAME ...]
         [--budget N,...] [--samples 5] [--batch-size 4] --out DIR [--json]
@@ -50,6 +51,7 @@ def _float_list(text: str) -> list[float]:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from lcm.cache.policies import parse_policy
     from lcm.evals.suite import context_warning, model_with_rope
     from lcm.generate import Engine
     from lcm.io.checkpoints import load_model
@@ -57,13 +59,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
     if args.rope not in ("none", "default", ""):
         parse_rope_spec(args.rope)  # fail on an unknown variant before loading weights
+    policy = parse_policy(getattr(args, "policy", "full"), getattr(args, "budget", 0))
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model = model_with_rope(model, args.rope)
     lengths = getattr(args, "lengths", None) or [getattr(args, "length", 0)]
     warning = context_warning(model, args.rope, lengths)
     if warning:
         print(warning, file=sys.stderr)
-    return model, tokenizer, Engine(model, chunk_size=args.chunk_size)
+    return model, tokenizer, Engine(model, chunk_size=args.chunk_size, policy=policy)
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], human: str) -> None:
@@ -223,6 +226,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
 
 
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", default="full", help="KV policy NAME[:k=v,...]: full, streamingllm, snapkv, h2o")
+    p.add_argument("--budget", type=int, default=0, help="KV budget in tokens per layer and KV head (0 = full)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcm", description="long-context methods for LMs in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -245,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = evs.add_parser("passkey", help="passkey retrieval accuracy per length")
     _add_model_args(p)
+    _add_policy_args(p)
     p.add_argument("--lengths", type=_int_list, required=True)
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--depth", type=float, default=None, help="needle depth in [0, 1]; default random per trial")
@@ -255,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = evs.add_parser("niah", help="needle in a haystack over lengths x depths")
     _add_model_args(p)
+    _add_policy_args(p)
     p.add_argument("--lengths", type=_int_list, required=True)
     p.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--haystack", default="", help="text file (default: the Python reference docs)")
@@ -270,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=_str_list, required=True, help="task names or file:PATH.jsonl, comma-separated")
     p.add_argument("--lengths", type=_int_list, required=True)
     p.add_argument("--rope", action="append", help="a RoPE spec; repeat the flag to compare several")
-    p.add_argument("--policy", action="append", help="a KV policy name; repeat the flag to compare several")
+    p.add_argument("--policy", action="append", help="a KV policy NAME[:k=v,...]; repeat the flag for several")
     p.add_argument("--budget", type=_budgets, default=[0], help="KV budgets in tokens (0 = full cache)")
     p.add_argument("--samples", type=int, default=5, help="samples per (task, length)")
     p.add_argument("--seed", type=int, default=0)

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from lcm.cache.kv import KVCache
+from lcm.cache.policies import KVPolicy, compress
 from lcm.models.llama import Llama
 
 
@@ -36,11 +37,12 @@ def _run_chunk(
     num_valid: jax.Array,
     rope_seq_len: jax.Array,
     cache: KVCache,
+    observers_BxC: jax.Array | None = None,
 ) -> tuple[Llama, jax.Array, KVCache]:
     """One right-padded prefill chunk through the decoder (traced inside the jitted callers below)."""
     model = nnx.merge(graphdef, params)
     hidden_BxCxD, cache = model.hidden_states(
-        tokens_BxC, positions_BxC, cache, num_valid=num_valid, rope_seq_len=rope_seq_len
+        tokens_BxC, positions_BxC, cache, num_valid=num_valid, rope_seq_len=rope_seq_len, observers=observers_BxC
     )
     return model, hidden_BxCxD, cache
 
@@ -54,8 +56,11 @@ def _prefill_chunk(
     num_valid: jax.Array,
     rope_seq_len: jax.Array,
     cache: KVCache,
+    observers_BxC: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    model, hidden_BxCxD, cache = _run_chunk(graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache)
+    model, hidden_BxCxD, cache = _run_chunk(
+        graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache, observers_BxC
+    )
     last_BxD = jax.lax.dynamic_index_in_dim(hidden_BxCxD, num_valid - 1, axis=1, keepdims=False)
     return model.logits(last_BxD), cache
 
@@ -79,6 +84,27 @@ def _nll_chunk(
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+def _compress(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array) -> KVCache:
+    return compress(policy, cache, prompt_seen)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _shrink(cache: KVCache, capacity: int) -> KVCache:
+    """The first ``capacity`` slots of every buffer (after eviction the rest is empty)."""
+
+    def cut(x: jax.Array | None, axis: int) -> jax.Array | None:
+        return None if x is None else jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
+
+    return dataclasses.replace(
+        cache,
+        keys=cut(cache.keys, 3),
+        values=cut(cache.values, 3),
+        scores=cut(cache.scores, 3),
+        positions=cut(cache.positions, 1),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
 def _decode_step(
     graphdef: nnx.GraphDef, params: nnx.State, token_B: jax.Array, position_B: jax.Array, cache: KVCache
 ) -> tuple[jax.Array, KVCache]:
@@ -97,18 +123,30 @@ class Engine:
     """A model ready for inference: split once, jitted functions cached per shape.
 
     ``chunk_size`` is the prefill chunk (and the granularity of cache capacities); ``keys_pre_rope`` stores
-    keys unrotated in the cache (for policies that renumber positions).
+    keys unrotated in the cache. ``policy`` (:mod:`lcm.cache.policies`) decides what the cache keeps: after each
+    prefill chunk (streaming policies) or after the prompt, the cache is compacted to ``policy.budget`` entries
+    per layer and KV head; a policy that renumbers positions stores keys pre-RoPE and numbers entries by slot.
     """
 
     model: Llama
     chunk_size: int = 512
     keys_pre_rope: bool = False
+    policy: KVPolicy = dataclasses.field(default_factory=KVPolicy)
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size={self.chunk_size} must be positive")
         self.graphdef, self.params = nnx.split(self.model)
         self.config = self.model.config
+        self.keys_pre_rope = self.keys_pre_rope or self.policy.renumber
+        self.last_cache_bytes = 0  # bytes of the last prompt's cache at its largest (set by generate)
+
+    def prompt_capacity(self, length: int) -> int:
+        """Cache slots the prefill of ``length`` tokens needs under the policy (before any generated token): a
+        streaming policy holds at most its budget plus one chunk, whatever the prompt's length."""
+        if self.policy.bounded and self.policy.streaming and length > self.policy.budget:
+            return self.policy.budget + self.chunk_size
+        return length
 
     def _check_tokens(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -127,6 +165,8 @@ class Engine:
     def new_cache(self, batch: int, capacity: int, starts: np.ndarray | None = None) -> KVCache:
         """An empty cache of ``capacity`` (rounded up to a chunk) slots; ``starts [B]`` for left-padded rows."""
         cache = self.model.init_cache(batch, _round_up(capacity, self.chunk_size), self.keys_pre_rope)
+        if self.policy.needs_scores:
+            cache = dataclasses.replace(cache, scores=jnp.zeros(cache.keys.shape[:4], jnp.float32))
         if starts is not None:
             starts = np.asarray(starts, np.int32)
             if starts.shape != (batch,) or starts.min() < 0:
@@ -152,21 +192,45 @@ class Engine:
         return np.maximum(slots - np.asarray(cache.starts)[:, None], 0)
 
     def prefill(self, tokens: np.ndarray, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Feed ``tokens [B, T]`` (positions ``0…T-1``) chunk by chunk; logits ``[B, V]`` at the last one."""
+        """Feed ``tokens [B, T]`` (positions ``0…T-1``) chunk by chunk; logits ``[B, V]`` at the last one.
+
+        Under a bounded policy the cache is compacted to ``policy.budget`` entries after every chunk (streaming
+        policies) or after the last; queries keep their absolute positions, or take their slot when the policy
+        renumbers.
+        """
         tokens = self._check_tokens(tokens)
         batch, length = tokens.shape
-        if _round_up(length, self.chunk_size) > cache.capacity:
+        policy = self.policy
+        needed = _round_up(self.prompt_capacity(length), self.chunk_size)
+        if needed > cache.capacity:
             raise ValueError(
                 f"a prompt of {length} tokens in chunks of {self.chunk_size} needs a cache capacity of at least "
-                f"{_round_up(length, self.chunk_size)}, got {cache.capacity} (use Engine.new_cache)"
+                f"{needed}, got {cache.capacity} (use Engine.new_cache)"
             )
-        rope_seq_len = jnp.int32(length)  # one scale for the whole prompt, as a single transformers forward
+        if policy.bounded and cache.starts is not None:
+            raise ValueError(f"KV policy {policy.name!r} works on unpadded rows; batch prompts of equal length")
+        # one scale for the whole prompt, as a single transformers forward; renumbered positions stay in the cache
+        rope_seq_len = jnp.int32(min(length, needed) if policy.renumber else length)
+        filled = int(cache.length)
         logits = None
         for start, n in self._chunks(length):
-            chunk, positions = self._pad(tokens, start, n), self._positions(cache, start)
+            chunk = self._pad(tokens, start, n)
+            if policy.renumber:
+                positions = np.broadcast_to(np.arange(filled, filled + self.chunk_size, dtype=np.int32), chunk.shape)
+            else:
+                positions = self._positions(cache, start)
+            observers = None
+            if policy.needs_scores:
+                watch = policy.observers(np.arange(start, start + self.chunk_size), length)
+                observers = jnp.asarray(np.broadcast_to(watch & (np.arange(self.chunk_size) < n), chunk.shape))
             logits, cache = _prefill_chunk(
-                self.graphdef, self.params, chunk, positions, jnp.int32(n), rope_seq_len, cache
+                self.graphdef, self.params, chunk, positions, jnp.int32(n), rope_seq_len, cache, observers
             )
+            filled += n
+            last = start + n == length
+            if policy.bounded and filled > policy.budget and (policy.streaming or last):
+                cache = _compress(policy, cache, jnp.int32(start + n))
+                filled = policy.budget
         return logits, cache
 
     def generate(self, tokens: np.ndarray, max_new_tokens: int, stop_ids: Sequence[int] = ()) -> np.ndarray:
@@ -176,12 +240,24 @@ class Engine:
         """
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
-        tokens = self._check_tokens(tokens)
+        return self._complete(self._check_tokens(tokens), None, max_new_tokens, stop_ids)
+
+    def _complete(
+        self, tokens: np.ndarray, starts: np.ndarray | None, max_new_tokens: int, stop_ids: Sequence[int]
+    ) -> np.ndarray:
+        """Prefill into a fresh cache sized for the policy, shrink it to what is kept, decode greedily."""
         batch, length = tokens.shape
-        cache = self.new_cache(batch, length + max_new_tokens)
+        cache = self.new_cache(batch, self.prompt_capacity(length) + max_new_tokens, starts)
         logits, cache = self.prefill(tokens, cache)
+        self.last_cache_bytes = cache.num_bytes  # the prompt's cache at its largest, for memory reports
+        filled = int(cache.length)
+        if self.policy.bounded:  # after eviction only `filled` slots hold entries: decode over a smaller buffer
+            capacity = _round_up(filled + max_new_tokens, self.chunk_size)
+            if capacity < cache.capacity:
+                cache = _shrink(cache, capacity)
         first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return self.decode(first, length, cache, max_new_tokens, stop_ids)[0]
+        position = filled if self.policy.renumber else length
+        return self.decode(first, position, cache, max_new_tokens, stop_ids)[0]
 
     def generate_many(
         self,
@@ -212,11 +288,7 @@ class Engine:
             rows = order[first : first + batch_size]
             batch = [prompts[i] for i in rows] + [prompts[rows[-1]]] * (batch_size - len(rows))
             tokens, starts = self.left_pad(batch)
-            padded = bool(starts.any())
-            cache = self.new_cache(len(batch), tokens.shape[1] + max_new_tokens, starts if padded else None)
-            logits, cache = self.prefill(tokens, cache)
-            first_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            out, _ = self.decode(first_token, tokens.shape[1], cache, max_new_tokens, stop_ids)
+            out = self._complete(tokens, starts if starts.any() else None, max_new_tokens, stop_ids)
             for row, index in enumerate(rows):
                 ids = out[row]
                 hits = [k for k, t in enumerate(ids.tolist()) if t in stops]
@@ -239,18 +311,20 @@ class Engine:
     def decode(
         self, first: jax.Array, position: int, cache: KVCache, max_new_tokens: int, stop_ids: Sequence[int] = ()
     ) -> tuple[np.ndarray, KVCache]:
-        """Greedy tokens ``[B, <= max_new_tokens]`` starting with ``first [B]``, which sits at slot ``position``.
+        """Greedy tokens ``[B, <= max_new_tokens]`` starting with ``first [B]``, whose RoPE position is ``position``.
 
-        Its RoPE position is the slot, less the row's padding for a left-padded cache (``cache.starts``).
+        ``first`` goes into the cache's next slot (``cache.length``); its position is ``position``, less the row's
+        padding for a left-padded cache (``cache.starts``), and the next tokens count on from there.
 
         One compiled step per cache capacity, reused token after token; the only host transfer per step is
         the sampled id (to test for ``stop_ids``).
         """
         batch = first.shape[0]
-        if position + max_new_tokens - 1 > cache.capacity:
+        slot = int(cache.length)
+        if slot + max_new_tokens - 1 > cache.capacity:
             raise ValueError(
-                f"decoding {max_new_tokens} tokens from position {position} needs a cache capacity of at least "
-                f"{position + max_new_tokens - 1}, got {cache.capacity}"
+                f"decoding {max_new_tokens} tokens after {slot} cached ones needs a cache capacity of at least "
+                f"{slot + max_new_tokens - 1}, got {cache.capacity}"
             )
         stops = np.asarray(list(stop_ids), np.int32)
         token, out = first, [first]
@@ -273,6 +347,8 @@ class Engine:
         batch, length = tokens.shape
         if length < 2:
             raise ValueError(f"need at least 2 tokens for a next-token NLL, got {length}")
+        if self.policy.bounded:
+            raise ValueError(f"token_nlls runs the full cache; got KV policy {self.policy.name!r} (use policy=full)")
         cache = self.new_cache(batch, length)
         rope_seq_len = jnp.int32(length)
         targets_all = np.concatenate([tokens[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
@@ -287,4 +363,4 @@ class Engine:
         return np.concatenate(nlls, axis=1)[:, : length - 1]
 
     def with_model(self, model: Llama) -> Engine:
-        return Engine(model, chunk_size=self.chunk_size, keys_pre_rope=self.keys_pre_rope)
+        return Engine(model, chunk_size=self.chunk_size, keys_pre_rope=self.keys_pre_rope, policy=self.policy)

@@ -32,6 +32,8 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
         (["eval", "grid", "--tasks", "nope", "--lengths", "512", "--out", "x"], "unknown task 'nope'"),
         (["eval", "grid", "--tasks", "vt", "--lengths", "512", "--policy", "magic", "--out", "x"], "unknown KV policy"),
         (["run", "configs/eval_grid.py:huge"], "unknown eval_grid variant 'huge'"),
+        (["eval", "passkey", "--lengths", "64", "--policy", "streamingllm", "--budget", "3"], "budget=3 is smaller"),
+        (["eval", "passkey", "--lengths", "64", "--policy", "h2o:recent=x", "--budget", "64"], "recent='x'"),
         (["run", "configs/quickstart.py", "--config.passkey.trails=3"], "unknown config field 'passkey.trails'"),
         (["run", "configs/quickstart.py", "--config.passkey.trials=many"], "expected a value of type int"),
     ],

@@ -31,6 +31,7 @@ class KVCache:
     values: jax.Array  # [L, B, K, S, D]
     positions: jax.Array  # [B, S] int32
     length: jax.Array  # [] int32, filled slots
+    scores: jax.Array | None = None  # [L, B, K, S] float32: attention mass per entry, for KV policies that rank by it
     starts: jax.Array | None = None  # [B] int32: first real slot of each left-padded row; None = all rows start at 0
     keys_pre_rope: bool = dataclasses.field(default=False, metadata={"static": True})
 
@@ -40,7 +41,8 @@ class KVCache:
 
     @property
     def num_bytes(self) -> int:
-        return sum(int(x.size) * x.dtype.itemsize for x in (self.keys, self.values, self.positions))
+        arrays = (self.keys, self.values, self.positions, self.scores)
+        return sum(int(x.size) * x.dtype.itemsize for x in arrays if x is not None)
 
 
 def init_cache(

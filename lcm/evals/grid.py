@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from lcm.evals import longbench
 from lcm.evals.tasks import Sample
 
-KV_POLICIES = ("full",)  # grows with lcm.cache.policies; the grid validates names against it
 FILE_PREFIX = "file:"
 RESULTS = "results.jsonl"
 
@@ -39,7 +38,7 @@ class GridSpec:
     tasks: tuple[str, ...] = ("niah_single_1",)  # registered task names, or file:PATH.jsonl (LongBench format)
     lengths: tuple[int, ...] = (1024,)  # prompt lengths in tokens (for file tasks: the truncation length)
     ropes: tuple[str, ...] = ("none",)  # RoPE specs: none | VARIANT[:k=v,...]
-    policies: tuple[str, ...] = ("full",)  # KV-cache policies by name
+    policies: tuple[str, ...] = ("full",)  # KV-cache policies: NAME[:k=v,...] (lcm.cache.policies.POLICIES)
     budgets: tuple[int, ...] = (0,)  # KV budgets in tokens; 0 = unbounded (only valid for `full`)
     num_samples: int = 5  # samples per (task, length); file tasks: at most this many records (0 = all)
     seed: int = 0  # sample seed
@@ -51,6 +50,7 @@ class GridSpec:
     out_dir: str = "out/eval_grid"  # results.jsonl, results.md and plots
 
     def __post_init__(self) -> None:
+        from lcm.cache.policies import POLICIES, parse_policy
         from lcm.evals.registry import get_task
         from lcm.ops.rope import parse_rope_spec
 
@@ -66,17 +66,28 @@ class GridSpec:
             if rope not in ("none", "default", ""):
                 parse_rope_spec(rope)
         for policy in self.policies:
-            if policy not in KV_POLICIES:
-                raise ValueError(f"unknown KV policy {policy!r}; choose one of {sorted(KV_POLICIES)}")
+            if policy.partition(":")[0] not in POLICIES:
+                raise ValueError(f"unknown KV policy {policy!r}; choose one of {sorted(POLICIES)}")
         if any(b < 0 for b in self.budgets) or not self.budgets:
             raise ValueError(f"budgets must be non-negative token counts, got {self.budgets}")
         if any(b > 0 for b in self.budgets) and set(self.policies) == {"full"}:
             raise ValueError(f"budgets {self.budgets} need a KV policy other than `full` (budget 0 = full cache)")
+        if any(not p.startswith("full") for p in self.policies) and not any(b > 0 for b in self.budgets):
+            raise ValueError(f"policies {self.policies} need a positive budget in tokens (--budget)")
+        for _, policy, budget in self.methods():
+            parse_policy(policy, budget)  # unknown names, bad parameters, budgets below what a policy keeps
         if self.num_samples < 0 or self.batch_size <= 0:
             raise ValueError(f"num_samples={self.num_samples} and batch_size={self.batch_size} must be positive")
 
     def methods(self) -> list[tuple[str, str, int]]:
-        return [(r, p, b) for r in self.ropes for p in self.policies for b in self.budgets]
+        """(rope, policy, budget) cells: the full cache once per RoPE, every other policy at every positive budget."""
+        return [
+            (r, p, b)
+            for r in self.ropes
+            for p in self.policies
+            for b in self.budgets
+            if (b == 0) == (p.partition(":")[0] == "full")
+        ]
 
 
 def spec_from_config(cfg: Any) -> GridSpec:
@@ -99,7 +110,7 @@ def run_grid_job(cfg: Any) -> dict[str, Any]:
 
 def method_label(rope: str, policy: str, budget: int) -> str:
     label = rope if rope not in ("", "default") else "none"
-    if policy != "full" or budget:
+    if policy != "full":
         label += f" | {policy}@{budget}"
     return label
 
@@ -160,6 +171,7 @@ def build_samples(spec: GridSpec, tokenizer: Any, log: Callable[[str], None] = p
 
 
 def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from lcm.cache.policies import parse_policy
     from lcm.evals.suite import model_with_rope
     from lcm.generate import Engine
     from lcm.io.checkpoints import load_model
@@ -188,21 +200,24 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
     stop_ids = list(tokenizer.eos_ids)
     with (out / RESULTS).open("a") as sink:
         for (rope, policy, budget), group in _group_by(pending, lambda p: p[0]):
-            engine = Engine(model_with_rope(model, rope), chunk_size=spec.chunk_size)
+            kv_policy = parse_policy(policy, budget)
+            engine = Engine(model_with_rope(model, rope), chunk_size=spec.chunk_size, policy=kv_policy)
+            batch_size = 1 if kv_policy.bounded else spec.batch_size  # eviction works on unpadded rows
             todo = [s for _, s in group]
             for (task, length), cell in _group_by(todo, lambda s: (s.task, s.length)):
                 bar.set_postfix_str(f"{method_label(rope, policy, budget)} {task} {length}")
-                for first in range(0, len(cell), spec.batch_size):
-                    batch = cell[first : first + spec.batch_size]
+                for first in range(0, len(cell), batch_size):
+                    batch = cell[first : first + batch_size]
                     started = time.perf_counter()
                     max_new = max(s.max_new_tokens for s in batch)
                     outputs = engine.generate_many(
-                        [list(s.ids) for s in batch], max_new, stop_ids, batch_size=spec.batch_size
+                        [list(s.ids) for s in batch], max_new, stop_ids, batch_size=batch_size
                     )
                     seconds = (time.perf_counter() - started) / len(batch)
                     for sample, ids in zip(batch, outputs, strict=True):
                         text = tokenizer.decode(ids[: sample.max_new_tokens].tolist())
                         row = _result_row(spec, sample, rope, policy, budget, text, seconds)
+                        row["kv_bytes"] = engine.last_cache_bytes // len(batch)
                         sink.write(json.dumps(row) + "\n")
                     sink.flush()
                     bar.update(len(batch))

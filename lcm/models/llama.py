@@ -21,11 +21,12 @@ import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from lcm.cache.kv import KVCache, init_cache, write_layer
 from lcm.ops import rope as rope_ops
 from lcm.ops.attention import chunked_attention
+from lcm.ops.kv_scores import attention_mass
 
 # variants that scale relative to the trained context L0; `with_rope` fills it in from the model
 _USES_ORIGINAL_LENGTH = frozenset({"dynamic", "yarn", "llama3", "longrope"})
@@ -208,7 +209,9 @@ def _decoder_layer(
     attention_factor: float | jax.Array,
     q_segments: Int[Array, "B T"] | None = None,
     k_segments: Int[Array, "B S"] | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    scores: Float[Array, "L B K S"] | None = None,
+    observers: Bool[Array, "B T"] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """One pre-norm decoder layer over ``T`` new tokens, writing its keys and values into the stacked cache.
 
     Jitted on its own, with the layer index a traced argument: the 30 layers of a model share one trace and one
@@ -240,9 +243,14 @@ def _decoder_layer(
         heads_first=True,
         layer=read_layer,
     )
+    if scores is not None and observers is not None:  # a KV policy ranks entries by the attention they receive
+        # the extra consumer of q and the keys changes XLA's fusion of this layer: outputs then differ from the
+        # full cache's by float32 round-off (~1e-7), which optimisation barriers did not remove
+        mass = attention_mass(q, layer_keys[read_layer], observers, q_offset=start, kv_length=start + x.shape[1])
+        scores = jax.lax.dynamic_update_index_in_dim(scores, scores[layer] + mass, layer, axis=0)
     x = x + block.attn.output(attn)
     x = x + block.mlp(block.post_attention_norm(x))
-    return x, keys, values
+    return x, keys, values, scores
 
 
 class Llama(nnx.Module):
@@ -275,13 +283,15 @@ class Llama(nnx.Module):
         *,
         num_valid: Int[Array, ""] | int | None = None,
         rope_seq_len: Int[Array, ""] | int | None = None,
+        observers: Bool[Array, "B T"] | None = None,
     ) -> tuple[Float[Array, "B T D"], KVCache]:
         """Run the decoder on ``T`` new tokens written into the cache after its ``length`` filled slots.
 
         ``num_valid`` (default ``T``) counts the real tokens when the chunk is right-padded to a static shape:
         the cache length advances by it, and padded slots are overwritten by the next call. ``rope_seq_len``
         is the length that length-dependent RoPE variants (dynamic NTK, LongRoPE) scale for; by default the
-        largest real position + 1, what transformers uses.
+        largest real position + 1, what transformers uses. ``observers`` marks the queries whose attention
+        probabilities are added to ``cache.scores`` (KV policies rank cached entries by them).
         """
         cfg = self.config
         batch, seq = tokens.shape
@@ -300,7 +310,7 @@ class Llama(nnx.Module):
 
         start = cache.length
         cache_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (jnp.int32(0), start))
-        keys, values = cache.keys, cache.values
+        keys, values, scores = cache.keys, cache.values, cache.scores
         segments = {}
         if cache.starts is not None:  # left-padded rows: padding is segment 0, the prompt segment 1
             chex.assert_shape(cache.starts, (batch,))
@@ -319,7 +329,7 @@ class Llama(nnx.Module):
         )
         for index, block in enumerate(self.layers):
             block_graphdef, block_params = nnx.split(block)
-            x, keys, values = _decoder_layer(
+            x, keys, values, scores = _decoder_layer(
                 settings,
                 block_graphdef,
                 block_params,
@@ -333,10 +343,12 @@ class Llama(nnx.Module):
                 inv_freq,
                 attention_factor,
                 **segments,
+                scores=scores,
+                observers=observers,
             )
         x = self.final_norm(x)
         new_cache = dataclasses.replace(
-            cache, keys=keys, values=values, positions=cache_positions, length=start + num_valid
+            cache, keys=keys, values=values, scores=scores, positions=cache_positions, length=start + num_valid
         )
         return x, new_cache
 

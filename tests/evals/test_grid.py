@@ -96,6 +96,19 @@ def test_grid_writes_one_row_per_sample_resumes_and_reports(tmp_path, tiny_model
     assert len(rows) == 8 and sorted({r["length"] for r in rows}) == [256, 320]
 
 
+def test_policies_and_budgets_are_cells_of_the_grid(tmp_path, tiny_model_loader) -> None:
+    spec = _spec(
+        tmp_path, tasks=("passkey",), lengths=(512,), policies=("full", "streamingllm:sinks=4", "h2o"), budgets=(0, 96)
+    )
+    assert spec.methods() == [("none", "full", 0), ("none", "streamingllm:sinks=4", 96), ("none", "h2o", 96)]
+    grid.run_grid(spec, log=lambda _: None)
+    rows = grid.read_results(spec.out_dir)
+    assert len(rows) == 6
+    kv = {r["policy"]: r["kv_bytes"] for r in rows}
+    assert kv["streamingllm:sinks=4"] < kv["full"] and kv["h2o"] < kv["full"]  # budget + a chunk, not the prompt
+    assert "none | h2o@96" in (tmp_path / "grid" / "results.md").read_text()
+
+
 def test_a_half_written_last_line_is_redone(tmp_path, tiny_model_loader) -> None:
     spec = _spec(tmp_path, tasks=("passkey",))
     grid.run_grid(spec, log=lambda _: None)
@@ -126,6 +139,8 @@ def test_batched_cells_score_as_unbatched(tmp_path, tiny_model_loader) -> None:
         ({"tasks": ("ruler_nope",)}, "unknown task 'ruler_nope'"),
         ({"tasks": ("file:/nonexistent.jsonl",)}, "no such JSONL file"),
         ({"policies": ("snapkv2",)}, "unknown KV policy 'snapkv2'"),
+        ({"policies": ("snapkv",)}, "need a positive budget"),
+        ({"policies": ("snapkv",), "budgets": (16,)}, "budget=16 is smaller than the 33 tokens"),
         ({"ropes": ("warp:factor=2",)}, "unknown rope variant 'warp'"),
         ({"lengths": (0,)}, "positive lengths"),
         ({"budgets": (512,)}, "need a KV policy other than `full`"),
