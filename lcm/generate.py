@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -139,7 +140,9 @@ class Engine:
         self.graphdef, self.params = nnx.split(self.model)
         self.config = self.model.config
         self.keys_pre_rope = self.keys_pre_rope or self.policy.renumber
-        self.last_cache_bytes = 0  # bytes of the last prompt's cache at its largest (set by generate)
+        # what the last generate() measured: its prompt cache at its largest, prefill and decode wall time
+        self.last_cache_bytes, self.last_decode_steps = 0, 0
+        self.last_prefill_seconds = self.last_decode_seconds = 0.0
 
     def prompt_capacity(self, length: int) -> int:
         """Cache slots the prefill of ``length`` tokens needs under the policy (before any generated token): a
@@ -247,8 +250,11 @@ class Engine:
     ) -> np.ndarray:
         """Prefill into a fresh cache sized for the policy, shrink it to what is kept, decode greedily."""
         batch, length = tokens.shape
+        started = time.perf_counter()
         cache = self.new_cache(batch, self.prompt_capacity(length) + max_new_tokens, starts)
         logits, cache = self.prefill(tokens, cache)
+        jax.block_until_ready(logits)
+        self.last_prefill_seconds = time.perf_counter() - started
         self.last_cache_bytes = cache.num_bytes  # the prompt's cache at its largest, for memory reports
         filled = int(cache.length)
         if self.policy.bounded:  # after eviction only `filled` slots hold entries: decode over a smaller buffer
@@ -257,7 +263,10 @@ class Engine:
                 cache = _shrink(cache, capacity)
         first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         position = filled if self.policy.renumber else length
-        return self.decode(first, position, cache, max_new_tokens, stop_ids)[0]
+        started = time.perf_counter()
+        out = self.decode(first, position, cache, max_new_tokens, stop_ids)[0]
+        self.last_decode_seconds, self.last_decode_steps = time.perf_counter() - started, out.shape[1] - 1
+        return out
 
     def generate_many(
         self,

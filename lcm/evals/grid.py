@@ -218,6 +218,9 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
                         text = tokenizer.decode(ids[: sample.max_new_tokens].tolist())
                         row = _result_row(spec, sample, rope, policy, budget, text, seconds)
                         row["kv_bytes"] = engine.last_cache_bytes // len(batch)
+                        row["prefill_seconds"] = round(engine.last_prefill_seconds / len(batch), 3)
+                        steps = max(engine.last_decode_steps, 1)
+                        row["decode_ms_per_token"] = round(1000 * engine.last_decode_seconds / steps, 1)
                         sink.write(json.dumps(row) + "\n")
                     sink.flush()
                     bar.update(len(batch))
@@ -307,7 +310,37 @@ def markdown(rows: Sequence[dict[str, Any]], threshold: float = 0.856) -> str:
             cells = [f"{100 * by_length[n][0]:.1f}" if n in by_length else "" for n in lengths]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
+    cost = cost_table(rows)
+    if cost:
+        parts.append(cost)
     return "\n\n".join(parts) + "\n"
+
+
+def cost_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Mean KV-cache bytes of the prompt (measured from the cache arrays at their largest), prefill seconds and
+    decode ms/token per method and length, over every task; empty for results without these fields."""
+    rows = [r for r in rows if "kv_bytes" in r]
+    if not rows:
+        return ""
+    lengths = sorted({r["length"] for r in rows})
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = collections.defaultdict(list)
+    for r in rows:
+        cells[(method_label(r["rope"], r["policy"], r["budget"]), r["length"])].append(r)
+    header = "| method | " + " | ".join(f"{n}: KV MiB / prefill s / decode ms/token" for n in lengths) + " |"
+    lines = ["### Cost per sample (means over tasks; CPU wall time)", "", header, "|---" * (len(lengths) + 1) + "|"]
+    for method in _methods_of(rows):
+        out = []
+        for n in lengths:
+            group = cells.get((method, n), [])
+            if not group:
+                out.append("")
+                continue
+            mib = np.mean([r["kv_bytes"] for r in group]) / 2**20
+            prefill = np.mean([r["prefill_seconds"] for r in group])
+            decode = np.mean([r["decode_ms_per_token"] for r in group])
+            out.append(f"{mib:.1f} / {prefill:.2f} / {decode:.0f}")
+        lines.append(f"| {method} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
 
 
 def report(out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -375,6 +408,9 @@ def _plot(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
                         out / name,
                     )
                 )
+    budget_plot = _plot_budgets(plt, out, rows)
+    if budget_plot is not None:
+        paths.append(budget_plot)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method in methods:
         means = [
@@ -393,6 +429,39 @@ def _plot(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
     fig.savefig(out / "summary.png", dpi=120)
     plt.close(fig)
     return [*paths, out / "summary.png"]
+
+
+def _plot_budgets(plt: Any, out: Path, rows: Sequence[dict[str, Any]]) -> Path | None:
+    """Score (mean over lengths) versus KV budget, one line per policy and panel per task; the full cache dashed."""
+    budgets = sorted({r["budget"] for r in rows if r["budget"] > 0})
+    if not budgets:
+        return None
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        by: dict[tuple[str, str, int], list[float]] = collections.defaultdict(list)
+        for r in rows:
+            if r["task"] == task:
+                by[(r["rope"], r["policy"], r["budget"])].append(r["score"])
+        for rope, policy in dict.fromkeys((k[0], k[1]) for k in by):
+            label = method_label(rope, policy, 1).split(" | ")[-1] if policy != "full" else f"{rope} full"
+            if policy == "full":
+                ax.axhline(np.mean(by[(rope, policy, 0)]), linestyle="--", color="gray", label=label)
+                continue
+            xs = [b for b in budgets if (rope, policy, b) in by]
+            ax.plot(xs, [np.mean(by[(rope, policy, b)]) for b in xs], marker="o", label=label.split("@")[0])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("KV budget (tokens)")
+        ax.set_ylabel("score")
+        ax.set_title(task)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "budget.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _heatmap(

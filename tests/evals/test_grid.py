@@ -70,7 +70,7 @@ def test_grid_writes_one_row_per_sample_resumes_and_reports(tmp_path, tiny_model
     assert all(0.0 <= r["score"] <= 1.0 and r["n_tokens"] <= 256 for r in rows)
     assert set(summary["scores"]) == {"passkey", "niah"}
     out = tmp_path / "grid"
-    assert (out / "results.md").read_text().count("### ") == 2
+    assert (out / "results.md").read_text().count("### ") == 3  # two tasks and the cost table
     assert (out / "summary.png").stat().st_size > 0 and (out / "heatmap_niah_depth.png").stat().st_size > 0
 
     def no_compute(*args, **kwargs):
@@ -106,7 +106,10 @@ def test_policies_and_budgets_are_cells_of_the_grid(tmp_path, tiny_model_loader)
     assert len(rows) == 6
     kv = {r["policy"]: r["kv_bytes"] for r in rows}
     assert kv["streamingllm:sinks=4"] < kv["full"] and kv["h2o"] < kv["full"]  # budget + a chunk, not the prompt
-    assert "none | h2o@96" in (tmp_path / "grid" / "results.md").read_text()
+    text = (tmp_path / "grid" / "results.md").read_text()
+    assert "none | h2o@96" in text and "### Cost per sample" in text
+    assert (tmp_path / "grid" / "budget.png").stat().st_size > 0
+    assert all(r["prefill_seconds"] > 0 and r["decode_ms_per_token"] > 0 for r in rows)
 
 
 def test_a_half_written_last_line_is_redone(tmp_path, tiny_model_loader) -> None:
