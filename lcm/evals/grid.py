@@ -109,9 +109,10 @@ def run_grid_job(cfg: Any) -> dict[str, Any]:
 
 
 def method_label(rope: str, policy: str, budget: int) -> str:
+    """``ROPE`` for the full cache, ``ROPE, POLICY@BUDGET`` otherwise (no ``|``: labels go into markdown tables)."""
     label = rope if rope not in ("", "default") else "none"
     if policy != "full":
-        label += f" | {policy}@{budget}"
+        label += f", {policy}@{budget}"
     return label
 
 
@@ -317,8 +318,9 @@ def markdown(rows: Sequence[dict[str, Any]], threshold: float = 0.856) -> str:
 
 
 def cost_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Mean KV-cache bytes of the prompt (measured from the cache arrays at their largest), prefill seconds and
-    decode ms/token per method and length, over every task; empty for results without these fields."""
+    """KV-cache bytes of the prompt (measured from the cache arrays at their largest), prefill seconds and decode
+    ms/token per method and length, medians over every task's samples (the first sample of a cell also pays
+    for compiling its programs; the median leaves that out); empty for results without these fields."""
     rows = [r for r in rows if "kv_bytes" in r]
     if not rows:
         return ""
@@ -327,7 +329,7 @@ def cost_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         cells[(method_label(r["rope"], r["policy"], r["budget"]), r["length"])].append(r)
     header = "| method | " + " | ".join(f"{n}: KV MiB / prefill s / decode ms/token" for n in lengths) + " |"
-    lines = ["### Cost per sample (means over tasks; CPU wall time)", "", header, "|---" * (len(lengths) + 1) + "|"]
+    lines = ["### Cost per sample (medians over samples and tasks; wall time)", "", header, "|---" * (len(lengths) + 1) + "|"]
     for method in _methods_of(rows):
         out = []
         for n in lengths:
@@ -335,9 +337,9 @@ def cost_table(rows: Sequence[dict[str, Any]]) -> str:
             if not group:
                 out.append("")
                 continue
-            mib = np.mean([r["kv_bytes"] for r in group]) / 2**20
-            prefill = np.mean([r["prefill_seconds"] for r in group])
-            decode = np.mean([r["decode_ms_per_token"] for r in group])
+            mib = np.median([r["kv_bytes"] for r in group]) / 2**20
+            prefill = np.median([r["prefill_seconds"] for r in group])
+            decode = np.median([r["decode_ms_per_token"] for r in group])
             out.append(f"{mib:.1f} / {prefill:.2f} / {decode:.0f}")
         lines.append(f"| {method} | " + " | ".join(out) + " |")
     return "\n".join(lines)
@@ -444,7 +446,7 @@ def _plot_budgets(plt: Any, out: Path, rows: Sequence[dict[str, Any]]) -> Path |
             if r["task"] == task:
                 by[(r["rope"], r["policy"], r["budget"])].append(r["score"])
         for rope, policy in dict.fromkeys((k[0], k[1]) for k in by):
-            label = method_label(rope, policy, 1).split(" | ")[-1] if policy != "full" else f"{rope} full"
+            label = method_label(rope, policy, 1).split(", ")[-1] if policy != "full" else f"{rope} full"
             if policy == "full":
                 ax.axhline(np.mean(by[(rope, policy, 0)]), linestyle="--", color="gray", label=label)
                 continue

@@ -107,7 +107,7 @@ def test_policies_and_budgets_are_cells_of_the_grid(tmp_path, tiny_model_loader)
     kv = {r["policy"]: r["kv_bytes"] for r in rows}
     assert kv["streamingllm:sinks=4"] < kv["full"] and kv["h2o"] < kv["full"]  # budget + a chunk, not the prompt
     text = (tmp_path / "grid" / "results.md").read_text()
-    assert "none | h2o@96" in text and "### Cost per sample" in text
+    assert "| none, h2o@96 |" in text and "### Cost per sample" in text
     assert (tmp_path / "grid" / "budget.png").stat().st_size > 0
     assert all(r["prefill_seconds"] > 0 and r["decode_ms_per_token"] > 0 for r in rows)
 
