@@ -329,7 +329,8 @@ def cost_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         cells[(method_label(r["rope"], r["policy"], r["budget"]), r["length"])].append(r)
     header = "| method | " + " | ".join(f"{n}: KV MiB / prefill s / decode ms/token" for n in lengths) + " |"
-    lines = ["### Cost per sample (medians over samples and tasks; wall time)", "", header, "|---" * (len(lengths) + 1) + "|"]
+    title = "### Cost per sample (medians over samples and tasks; wall time)"
+    lines = [title, "", header, "|---" * (len(lengths) + 1) + "|"]
     for method in _methods_of(rows):
         out = []
         for n in lengths:
