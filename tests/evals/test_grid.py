@@ -7,6 +7,7 @@ tables and plots written, and one-line errors before any compute.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +224,13 @@ def test_padding_changes_no_output_on_the_real_model(smollm2_gguf, tokenizer) ->
     alone = [engine.generate_many([p], 12, stop)[0] for p in prompts]
     for one, many in zip(alone, batched, strict=True):
         np.testing.assert_array_equal(one, many)
+
+
+def test_the_cli_runs_a_grid_and_prints_json(tmp_path, tiny_model_loader, capsys) -> None:
+    from lcm import cli
+
+    argv = ["eval", "grid", "--tasks", "passkey", "--lengths", "256", "--samples", "1", "--chunk-size", "128"]
+    argv += ["--policy", "full", "--policy", "streamingllm", "--budget", "0,96", "--out", str(tmp_path), "--json"]
+    assert cli.main(argv) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(payload["scores"]["passkey"]) == {"none", "none, streamingllm@96"}
