@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lcm.evals import grid
+from lcm.evals import grid, report
 from lcm.generate import Engine
 from lcm.io import checkpoints
 from lcm.io.tokenizer import load_tokenizer
@@ -179,7 +179,7 @@ def test_markdown_tables_and_effective_length() -> None:
 
     scores = {1024: (1.0, 0.9), 2048: (0.9, 0.85), 4096: (0.5, 0.7)}  # averages 0.95, 0.875, 0.6
     rows = [row(t, n, s[i]) for n, s in scores.items() for i, t in enumerate(("niah_single_1", "vt"))]
-    text = grid.markdown(rows)
+    text = report.markdown(rows)
     assert "| none | 95.0 | 87.5 | 60.0 | 2048 |" in text  # 87.5 > 85.6 at 2k, 60 < 85.6 at 4k
     assert "### vt (string_match_all x 100, 1 samples per cell)" in text
     assert "| none | 90.0 | 85.0 | 70.0 |" in text
