@@ -66,7 +66,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     warning = context_warning(model, args.rope, lengths)
     if warning:
         print(warning, file=sys.stderr)
-    return model, tokenizer, Engine(model, chunk_size=args.chunk_size, policy=policy)
+    return model, tokenizer, Engine(model, chunk_size=args.chunk_size, policy=policy.with_tokenizer(tokenizer))
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], human: str) -> None:
@@ -227,7 +227,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", default="full", help="KV policy NAME[:k=v,...]: full, streamingllm, snapkv, h2o")
+    p.add_argument(
+        "--policy", default="full", help="KV policy NAME[:k=v,...]: full, streamingllm, snapkv, h2o, infinipot"
+    )
     p.add_argument("--budget", type=int, default=0, help="KV budget in tokens per layer and KV head (0 = full)")
 
 

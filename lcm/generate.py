@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lcm.cache.infinipot import record_novelty, token_novelty
 from lcm.cache.kv import KVCache
 from lcm.cache.policies import KVPolicy, compress
 from lcm.models.llama import Llama
@@ -58,12 +59,39 @@ def _prefill_chunk(
     rope_seq_len: jax.Array,
     cache: KVCache,
     observers_BxC: jax.Array | None = None,
+    previous_logits_BxV: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
+    start = cache.length
     model, hidden_BxCxD, cache = _run_chunk(
         graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache, observers_BxC
     )
-    last_BxD = jax.lax.dynamic_index_in_dim(hidden_BxCxD, num_valid - 1, axis=1, keepdims=False)
-    return model.logits(last_BxD), cache
+    if cache.token_nll is None:
+        last_BxD = jax.lax.dynamic_index_in_dim(hidden_BxCxD, num_valid - 1, axis=1, keepdims=False)
+        return model.logits(last_BxD), cache
+    # a policy ranks entries by their token's NLL (InfiniPot's NuC): every position's logits are needed
+    logits_BxCxV = model.logits(hidden_BxCxD)
+    cache = record_novelty(cache, start, token_novelty(tokens_BxC, logits_BxCxV, previous_logits_BxV))
+    return jax.lax.dynamic_index_in_dim(logits_BxCxV, num_valid - 1, axis=1, keepdims=False), cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+def _probe_chunk(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens_BxP: jax.Array,
+    positions_BxP: jax.Array,
+    rope_seq_len: jax.Array,
+    cache: KVCache,
+) -> KVCache:
+    """A policy's probe (InfiniPot's catalyst prompt) fed after the filled slots on zeroed scores, its queries the
+    only observers; its own entries are dropped again (``length`` set back, so they count as empty and the next
+    chunk overwrites them). ``cache.scores`` is then the attention each cached key receives from the probe."""
+    length = cache.length
+    cache = dataclasses.replace(cache, scores=jnp.zeros(cache.keys.shape[:4], jnp.float32))
+    observers_BxP = jnp.ones(tokens_BxP.shape, bool)
+    num_valid = jnp.int32(tokens_BxP.shape[1])
+    _, _, cache = _run_chunk(graphdef, params, tokens_BxP, positions_BxP, num_valid, rope_seq_len, cache, observers_BxP)
+    return dataclasses.replace(cache, length=length)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
@@ -101,6 +129,7 @@ def _shrink(cache: KVCache, capacity: int) -> KVCache:
         keys=cut(cache.keys, 3),
         values=cut(cache.values, 3),
         scores=cut(cache.scores, 3),
+        token_nll=cut(cache.token_nll, 3),
         positions=cut(cache.positions, 1),
     )
 
@@ -127,6 +156,8 @@ class Engine:
     keys unrotated in the cache. ``policy`` (:mod:`lcm.cache.policies`) decides what the cache keeps: after each
     prefill chunk (streaming policies) or after the prompt, the cache is compacted to ``policy.budget`` entries
     per layer and KV head; a policy that renumbers positions stores keys pre-RoPE and numbers entries by slot.
+    A policy may ask for a probe chunk before each compression (:meth:`KVPolicy.probe_tokens`, InfiniPot's
+    catalyst prompt) and for every entry's token NLL (``needs_nll``, InfiniPot's NuC).
     """
 
     model: Llama
@@ -146,10 +177,13 @@ class Engine:
 
     def prompt_capacity(self, length: int) -> int:
         """Cache slots the prefill of ``length`` tokens needs under the policy (before any generated token): a
-        streaming policy holds at most its budget plus one chunk, whatever the prompt's length."""
-        if self.policy.bounded and self.policy.streaming and length > self.policy.budget:
-            return self.policy.budget + self.chunk_size
-        return length
+        streaming policy holds at most its budget plus one chunk, whatever the prompt's length, plus room for
+        the transient entries of its probe chunk if it has one."""
+        policy = self.policy
+        if not (policy.bounded and length > policy.budget):
+            return length
+        probe = len(policy.probe_tokens())
+        return (policy.budget + self.chunk_size if policy.streaming else length) + probe
 
     def _check_tokens(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -170,6 +204,8 @@ class Engine:
         cache = self.model.init_cache(batch, _round_up(capacity, self.chunk_size), self.keys_pre_rope)
         if self.policy.needs_scores:
             cache = dataclasses.replace(cache, scores=jnp.zeros(cache.keys.shape[:4], jnp.float32))
+        if self.policy.needs_nll:
+            cache = dataclasses.replace(cache, token_nll=jnp.zeros(cache.keys.shape[:4], jnp.float32))
         if starts is not None:
             starts = np.asarray(starts, np.int32)
             if starts.shape != (batch,) or starts.min() < 0:
@@ -216,6 +252,8 @@ class Engine:
         rope_seq_len = jnp.int32(min(length, needed) if policy.renumber else length)
         filled = int(cache.length)
         logits = None
+        # the prediction of each chunk's first token (NuC); uniform for the first token of the prompt
+        previous = None if cache.token_nll is None else jnp.zeros((batch, self.config.vocab_size), jnp.float32)
         for start, n in self._chunks(length):
             chunk = self._pad(tokens, start, n)
             if policy.renumber:
@@ -227,14 +265,25 @@ class Engine:
                 watch = policy.observers(np.arange(start, start + self.chunk_size), length)
                 observers = jnp.asarray(np.broadcast_to(watch & (np.arange(self.chunk_size) < n), chunk.shape))
             logits, cache = _prefill_chunk(
-                self.graphdef, self.params, chunk, positions, jnp.int32(n), rope_seq_len, cache, observers
+                self.graphdef, self.params, chunk, positions, jnp.int32(n), rope_seq_len, cache, observers, previous
             )
+            previous = None if previous is None else logits
             filled += n
             last = start + n == length
             if policy.bounded and filled > policy.budget and (policy.streaming or last):
+                if policy.probe_tokens():
+                    cache = self._probe(cache, filled, start + n, rope_seq_len)
                 cache = _compress(policy, cache, jnp.int32(start + n))
                 filled = policy.budget
         return logits, cache
+
+    def _probe(self, cache: KVCache, filled: int, prompt_seen: int, rope_seq_len: jax.Array) -> KVCache:
+        """The policy's probe chunk after the ``filled`` slots, at the positions the next token would take."""
+        ids = np.asarray(self.policy.probe_tokens(), np.int32)
+        tokens = self._check_tokens(np.broadcast_to(ids, (cache.keys.shape[1], ids.size)))
+        first = filled if self.policy.renumber else prompt_seen
+        positions = np.broadcast_to(np.arange(first, first + ids.size, dtype=np.int32), tokens.shape)
+        return _probe_chunk(self.graphdef, self.params, tokens, positions, rope_seq_len, cache)
 
     def generate(self, tokens: np.ndarray, max_new_tokens: int, stop_ids: Sequence[int] = ()) -> np.ndarray:
         """Greedy continuation ``[B, <= max_new_tokens]`` of equal-length prompts ``[B, T]``.

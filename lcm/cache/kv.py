@@ -32,6 +32,7 @@ class KVCache:
     positions: jax.Array  # [B, S] int32
     length: jax.Array  # [] int32, filled slots
     scores: jax.Array | None = None  # [L, B, K, S] float32: attention mass per entry, for KV policies that rank by it
+    token_nll: jax.Array | None = None  # [L, B, K, S] float32: each entry's token NLL when fed (InfiniPot's NuC)
     starts: jax.Array | None = None  # [B] int32: first real slot of each left-padded row; None = all rows start at 0
     keys_pre_rope: bool = dataclasses.field(default=False, metadata={"static": True})
 
@@ -41,7 +42,7 @@ class KVCache:
 
     @property
     def num_bytes(self) -> int:
-        arrays = (self.keys, self.values, self.positions, self.scores)
+        arrays = (self.keys, self.values, self.positions, self.scores, self.token_nll)
         return sum(int(x.size) * x.dtype.itemsize for x in arrays if x is not None)
 
 

@@ -50,6 +50,7 @@ class KVPolicy:
     streaming: ClassVar[bool] = False  # compress after every chunk (bounded memory) or once after the prompt
     renumber: ClassVar[bool] = False  # keys pre-RoPE, positions = slots (contiguous) after eviction
     needs_scores: ClassVar[bool] = False  # accumulate attention mass in cache.scores
+    needs_nll: ClassVar[bool] = False  # record each entry's token NLL in cache.token_nll (ranked by priority)
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 0:
@@ -70,9 +71,19 @@ class KVPolicy:
     def bounded(self) -> bool:
         return self.budget > 0
 
+    def with_tokenizer(self, tokenizer: Any) -> KVPolicy:
+        """The policy with whatever it must tokenize (InfiniPot's catalyst prompt) encoded by the model's tokenizer."""
+        del tokenizer
+        return self
+
     def observers(self, positions: np.ndarray, prompt_length: int) -> np.ndarray:
         """``[T]`` bool: which of the chunk's queries (absolute prompt positions) add to the attention mass."""
         return np.zeros(positions.shape, bool)
+
+    def probe_tokens(self) -> tuple[int, ...]:
+        """Token ids the Engine feeds after the cached entries just before each compression, whose queries alone
+        fill ``cache.scores`` and whose own entries are dropped again (InfiniPot's catalyst prompt); () = none."""
+        return ()
 
     def priority(
         self, scores: Float[Array, "L B K S"], length: jax.Array, prompt_seen: jax.Array
@@ -184,11 +195,14 @@ class SnapKV(KVPolicy):
         return jnp.where(_filled(scores, length), rank, -jnp.inf)
 
 
+from lcm.cache.infinipot import InfiniPot  # noqa: E402  (it subclasses KVPolicy, so it is imported after it)
+
 POLICIES: dict[str, type[KVPolicy]] = {
     "full": KVPolicy,
     "streamingllm": StreamingLLM,
     "snapkv": SnapKV,
     "h2o": H2O,
+    "infinipot": InfiniPot,
 }
 
 
@@ -201,8 +215,11 @@ def make_policy(name: str, budget: int = 0, **params: Any) -> KVPolicy:
     for key, value in params.items():
         if key not in fields:
             raise ValueError(f"{name}: unknown parameter {key!r}; its parameters are {sorted(fields) or 'none'}")
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{name}: parameter {key}={value!r} must be an integer")
+        kind = type(fields[key].default)
+        if kind in (int, float) and (
+            isinstance(value, bool) or not isinstance(value, int if kind is int else int | float)
+        ):
+            raise ValueError(f"{name}: parameter {key}={value!r} must be {'an integer' if kind is int else 'a number'}")
     if name == "full" and budget:
         raise ValueError(f"full: budget={budget} makes no sense for the full cache; use 0 or another policy")
     if name != "full" and budget <= 0:
@@ -219,9 +236,9 @@ def parse_policy(spec: str, budget: int = 0) -> KVPolicy:
         if not eq:
             raise ValueError(f"policy parameter {item!r} in {spec!r} must look like key=value")
         try:
-            params[key.strip()] = int(value)
+            params[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
         except ValueError:
-            raise ValueError(f"{name}: parameter {key.strip()}={value!r} must be an integer") from None
+            raise ValueError(f"{name}: parameter {key.strip()}={value!r} must be a number") from None
     return make_policy(name.strip(), budget, **params)
 
 
@@ -234,7 +251,8 @@ def compress(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array) -> KVCach
     """
     budget = policy.budget
     scores = cache.scores if cache.scores is not None else jnp.zeros(cache.keys.shape[:4], jnp.float32)
-    priority = policy.priority(scores, cache.length, prompt_seen)
+    extra = {"token_nll": cache.token_nll} if policy.needs_nll else {}
+    priority = policy.priority(scores, cache.length, prompt_seen, **extra)
     _, top = jax.lax.top_k(priority, budget)  # [L, B, K, budget]
     kept = jnp.sort(top, axis=-1)  # slot order = original order: causality by slot still holds
 
@@ -255,6 +273,7 @@ def compress(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array) -> KVCach
         keys=gather(cache.keys),
         values=gather(cache.values),
         scores=gather(cache.scores) if cache.scores is not None else None,
+        token_nll=gather(cache.token_nll) if cache.token_nll is not None else None,
         positions=positions,
         length=jnp.minimum(cache.length, budget),
     )

@@ -199,7 +199,7 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
     stop_ids = list(tokenizer.eos_ids)
     with (out / RESULTS).open("a") as sink:
         for (rope, policy, budget), group in _group_by(pending, lambda p: p[0]):
-            kv_policy = parse_policy(policy, budget)
+            kv_policy = parse_policy(policy, budget).with_tokenizer(tokenizer)
             engine = Engine(model_with_rope(model, rope), chunk_size=spec.chunk_size, policy=kv_policy)
             batch_size = 1 if kv_policy.bounded else spec.batch_size  # eviction works on unpadded rows
             todo = [s for _, s in group]

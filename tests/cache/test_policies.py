@@ -182,7 +182,7 @@ def test_snapkv_prefills_everything_then_keeps_its_budget(model: Llama) -> None:
         (lambda: make_policy("h2o", 8, recent=8), "budget=8 is smaller than the 9 tokens"),
         (lambda: make_policy("streamingllm", 64, sinks=2.5), "sinks=2.5 must be an integer"),
         (lambda: make_policy("streamingllm", 64, window=3), "unknown parameter 'window'"),
-        (lambda: parse_policy("streamingllm:sinks=four", 64), "sinks='four' must be an integer"),
+        (lambda: parse_policy("streamingllm:sinks=four", 64), "sinks='four' must be a number"),
         (lambda: make_policy("h2o", 0), "needs a positive budget"),
         (lambda: make_policy("full", 256), "makes no sense for the full cache"),
         (lambda: SnapKV(budget=64, kernel=4), "kernel=4 must be an odd"),
@@ -193,7 +193,17 @@ def test_bad_policies_are_one_line_errors(call, message: str) -> None:
         call()
 
 
+def test_policies_from_specs_get_their_tokenized_text() -> None:
+    class Tokenizer:
+        def encode(self, text: str, add_special: bool = True) -> list[int]:
+            return [len(word) for word in text.split()]
+
+    policy = parse_policy("infinipot:alpha=0.25", 64).with_tokenizer(Tokenizer())
+    assert policy.alpha == 0.25 and policy.catalyst_ids == (9, 3, 8, 7, 12, 3, 4, 9, 6)
+    assert parse_policy("h2o:recent=8", 64).with_tokenizer(Tokenizer()) == H2O(budget=64, recent=8)
+
+
 def test_registry_names_are_the_contract() -> None:
-    assert {"full", "streamingllm", "snapkv", "h2o"} <= set(POLICIES)
+    assert {"full", "streamingllm", "snapkv", "h2o", "infinipot"} <= set(POLICIES)
     assert parse_policy("streamingllm:sinks=2", 16) == StreamingLLM(budget=16, sinks=2)
     assert isinstance(make_policy("full"), KVPolicy) and not make_policy("full").bounded
