@@ -270,7 +270,8 @@ class Engine:
             previous = None if previous is None else logits
             filled += n
             last = start + n == length
-            if policy.bounded and filled > policy.budget and (policy.streaming or last):
+            after_chunk = policy.streaming and (not last or policy.compress_last_chunk)
+            if policy.bounded and filled > policy.budget and (after_chunk or last and not policy.streaming):
                 if policy.probe_tokens():
                     cache = self._probe(cache, filled, start + n, rope_seq_len)
                 cache = _compress(policy, cache, jnp.int32(start + n))

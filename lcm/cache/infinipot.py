@@ -52,8 +52,10 @@ Choices the paper leaves open, and deviations:
    defined. ``alpha * |C|`` is rounded down.
 6. How the catalyst's KV is discarded: ``cache.length`` is set back, so its slots count as empty (never kept)
    and the next chunk overwrites them.
-7. The pot is also distilled after the last chunk (the Engine's convention for every streaming policy), so a
-   question at the end of the input competes for slots like any other token; the paper answers from the pot.
+7. No CCD cycle after the input's last chunk: a cycle runs only when the next chunk would overflow the pot, and
+   after the last chunk there is none, so the end of the input (where a question sits) is never distilled away
+   and the answer is decoded from a pot of at most ``|M|`` entries (``compress_last_chunk = False``; the other
+   streaming policies compress to their budget after the last chunk too).
 8. CaP-Q (the real question as catalyst) is a choice of ``catalyst_ids``, not a separate policy.
 """
 
@@ -93,6 +95,7 @@ class InfiniPot(KVPolicy):
     renumber: ClassVar[bool] = True
     needs_scores: ClassVar[bool] = True
     needs_nll: ClassVar[bool] = True
+    compress_last_chunk: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0 <= self.alpha <= 1:

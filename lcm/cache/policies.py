@@ -49,6 +49,7 @@ class KVPolicy:
     name: ClassVar[str] = "full"
     streaming: ClassVar[bool] = False  # compress after every chunk (bounded memory) or once after the prompt
     renumber: ClassVar[bool] = False  # keys pre-RoPE, positions = slots (contiguous) after eviction
+    compress_last_chunk: ClassVar[bool] = True  # streaming: also compress after the prompt's last chunk
     needs_scores: ClassVar[bool] = False  # accumulate attention mass in cache.scores
     needs_nll: ClassVar[bool] = False  # record each entry's token NLL in cache.token_nll (ranked by priority)
 

@@ -160,7 +160,7 @@ def test_the_catalyst_probe_scores_the_pot_and_leaves_no_trace(model: Llama, mon
     engine = Engine(model, chunk_size=8, policy=InfiniPot(budget=12, catalyst_ids=CATALYST))
     tokens = np.random.default_rng(4).integers(0, TINY.vocab_size, (1, 40))
     engine.prefill(tokens, engine.new_cache(1, engine.prompt_capacity(40)))
-    assert len(seen) == 4  # after chunks 2..5 (16, 20, 20, 20 entries > 12)
+    assert len(seen) == 3  # after chunks 2..4 (16, 20, 20 entries > 12); none after the last (no next chunk)
     group = TINY.num_heads // TINY.num_kv_heads
     for (length, keys, _), positions, length_after, keys_after, scores in seen:
         assert length_after == length  # the catalyst's own entries are dropped
@@ -186,8 +186,8 @@ def test_cr_rope_renumbers_the_pot_and_new_tokens_continue_from_it(model: Llama,
     tokens = np.random.default_rng(6).integers(0, TINY.vocab_size, (1, 45))
     _, cache = engine.prefill(tokens, engine.new_cache(1, engine.prompt_capacity(45)))
     assert starts == [0, 8, 16, 16, 16, 16]  # after each CCD cycle new tokens continue from |C| = 16
-    assert int(cache.length) == 16
-    np.testing.assert_array_equal(np.asarray(cache.positions)[0, :16], np.arange(16))
+    assert int(cache.length) == 16 + 5  # no cycle after the last chunk (5 tokens): it stays in the pot
+    np.testing.assert_array_equal(np.asarray(cache.positions)[0, :21], np.arange(21))
 
 
 def test_a_budget_covering_the_context_reproduces_the_full_cache(model: Llama) -> None:
@@ -225,12 +225,12 @@ def test_a_long_input_is_distilled_in_bounded_memory(model: Llama, monkeypatch) 
         cache = engine.new_cache(1, engine.prompt_capacity(length))
         assert cache.capacity == capacity == 32
         _, cache = engine.prefill(tokens, cache)
-        assert len(sizes) == (length - budget) // chunk  # one CCD cycle per chunk once the pot is full
+        assert len(sizes) == (length - budget) // chunk - 1  # a cycle per chunk once the pot is full, but the last
         for capacity_in, length_in, capacity_out, length_out, num_bytes in sizes:
             assert capacity_in == capacity_out == capacity
             assert length_in <= budget + chunk and length_out == budget
             assert num_bytes == sizes[0][-1]
-        assert int(cache.length) == budget
+        assert int(cache.length) == budget + chunk  # the last chunk stays: the pot |M| holds it
     assert engine.generate(tokens, 4).shape == (1, 4)
 
 
