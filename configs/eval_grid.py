@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.num_samples = 2 if name == "smoke" else 5  # samples per (task, length)
     cfg.seed = 0  # sample seed
     cfg.depths = ()  # needle depths cycled over samples; () = evenly spaced in [0, 1]
-    cfg.batch_size = 1  # samples per prefill/decode batch
+    cfg.batch_size = cfg.num_samples  # samples per prefill/decode batch (left padding changes no result)
     cfg.chat = True  # prompts through the tokenizer's chat template
     cfg.chunk_size = 512  # prefill chunk in tokens
     return cfg.lock()

@@ -205,12 +205,13 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
             todo = [s for _, s in group]
             for (task, length), cell in _group_by(todo, lambda s: (s.task, s.length)):
                 bar.set_postfix_str(f"{method_label(rope, policy, budget)} {task} {length}")
-                for first in range(0, len(cell), batch_size):
-                    batch = cell[first : first + batch_size]
+                size = min(batch_size, len(cell))  # a cell smaller than a batch is not padded with copies
+                for first in range(0, len(cell), size):
+                    batch = cell[first : first + size]
                     started = time.perf_counter()
                     max_new = max(s.max_new_tokens for s in batch)
                     outputs = engine.generate_many(
-                        [list(s.ids) for s in batch], max_new, stop_ids, batch_size=batch_size
+                        [list(s.ids) for s in batch], max_new, stop_ids, batch_size=size
                     )
                     seconds = (time.perf_counter() - started) / len(batch)
                     for sample, ids in zip(batch, outputs, strict=True):
