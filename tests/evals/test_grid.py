@@ -226,8 +226,12 @@ def test_padding_changes_no_output_on_the_real_model(smollm2_gguf, tokenizer) ->
         np.testing.assert_array_equal(one, many)
 
 
-def test_the_cli_runs_a_grid_and_prints_json(tmp_path, tiny_model_loader, capsys) -> None:
+def test_the_cli_runs_a_grid_and_prints_json(tmp_path, tiny_model_loader, capsys, monkeypatch) -> None:
     from lcm import cli
+    from lcm.io import compile_cache
+
+    # `lcm` turns on JAX's process-wide disk cache; keep this test from changing what later tests see
+    monkeypatch.setattr(compile_cache, "enable_compilation_cache", lambda *args, **kwargs: None)
 
     argv = ["eval", "grid", "--tasks", "passkey", "--lengths", "256", "--samples", "1", "--chunk-size", "128"]
     argv += ["--policy", "full", "--policy", "streamingllm", "--budget", "0,96", "--out", str(tmp_path), "--json"]
