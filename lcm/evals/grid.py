@@ -123,13 +123,14 @@ def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line: redo that sample
-            if number != len(path.read_text().splitlines()):
+            if number != len(lines):
                 raise ValueError(f"{path}:{number} is not valid JSON") from None
     return rows
 
@@ -192,7 +193,7 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
         for s in cell
         if key(s, *method) not in done
     ]
-    total = len(pending) + sum(len(c) for c in samples.values()) * len(spec.methods()) - len(pending)
+    total = sum(len(c) for c in samples.values()) * len(spec.methods())
     bar = tqdm(total=total, initial=total - len(pending), desc="eval grid", unit="sample")
     if len(pending) < total:
         log(f"resuming: {total - len(pending)} of {total} samples already in {out / RESULTS}")
@@ -210,9 +211,7 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
                     batch = cell[first : first + size]
                     started = time.perf_counter()
                     max_new = max(s.max_new_tokens for s in batch)
-                    outputs = engine.generate_many(
-                        [list(s.ids) for s in batch], max_new, stop_ids, batch_size=size
-                    )
+                    outputs = engine.generate_many([list(s.ids) for s in batch], max_new, stop_ids, batch_size=size)
                     seconds = (time.perf_counter() - started) / len(batch)
                     for sample, ids in zip(batch, outputs, strict=True):
                         text = tokenizer.decode(ids[: sample.max_new_tokens].tolist())

@@ -14,7 +14,6 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +22,7 @@ from lcm.cache.infinipot import InfiniPot, token_novelty
 from lcm.cache.kv import init_cache
 from lcm.cache.policies import POLICIES, compress, make_policy
 from lcm.generate import Engine
-from lcm.models.llama import Llama, LlamaConfig
+from lcm.models.llama import Llama
 
 CATALYST = (5, 17, 42, 8, 99, 3)  # stands for the tokenized catalyst prompt in the tiny model's vocabulary
 
@@ -107,36 +106,18 @@ def test_kept_set_is_the_nuc_top_then_the_cap_top(length: int, budget: int, alph
             assert set(kept) == picks | set(rest[: keep - len(picks)])
 
 
-TINY = LlamaConfig(
-    vocab_size=101,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    tie_embeddings=False,
-    attention_q_block=8,
-    attention_kv_block=8,
-)
-
-
-@pytest.fixture(scope="module")
-def model() -> Llama:
-    return Llama(TINY, rngs=nnx.Rngs(1))
-
-
 def test_nuc_of_new_tokens_is_the_models_own_nll(model: Llama) -> None:
-    tokens = np.random.default_rng(3).integers(0, TINY.vocab_size, (1, 29))
+    tokens = np.random.default_rng(3).integers(0, model.config.vocab_size, (1, 29))
     engine = Engine(model, chunk_size=8, policy=InfiniPot(budget=32, catalyst_ids=CATALYST))
     _, cache = engine.prefill(tokens, engine.new_cache(1, 29))  # within the budget: nothing is compressed
     want = Engine(model, chunk_size=8).token_nlls(tokens)[0]  # the full cache's -log p(x_t | x_<t), t >= 1
     # float32 log-softmax over 101 logits from different fusions of the same layers: round-off ~1e-6; the
     # chunk boundaries (slots 8, 16, 24) take their prediction from the previous chunk's last logits
-    for layer in range(TINY.num_layers):
-        for head in range(TINY.num_kv_heads):
+    for layer in range(model.config.num_layers):
+        for head in range(model.config.num_kv_heads):
             got = np.asarray(cache.token_nll[layer, 0, head, :29])
             chex.assert_trees_all_close(got[1:], want, atol=1e-5, rtol=1e-5)
-            np.testing.assert_allclose(got[0], np.log(TINY.vocab_size), rtol=1e-6)  # uniform: no prediction
+            np.testing.assert_allclose(got[0], np.log(model.config.vocab_size), rtol=1e-6)  # uniform: no prediction
 
 
 def test_token_novelty_reads_the_previous_position() -> None:
@@ -158,10 +139,10 @@ def test_the_catalyst_probe_scores_the_pot_and_leaves_no_trace(model: Llama, mon
 
     monkeypatch.setattr(lcm.generate, "_probe_chunk", spy)
     engine = Engine(model, chunk_size=8, policy=InfiniPot(budget=12, catalyst_ids=CATALYST))
-    tokens = np.random.default_rng(4).integers(0, TINY.vocab_size, (1, 40))
+    tokens = np.random.default_rng(4).integers(0, model.config.vocab_size, (1, 40))
     engine.prefill(tokens, engine.new_cache(1, engine.prompt_capacity(40)))
     assert len(seen) == 3  # after chunks 2..4 (16, 20, 20 entries > 12); none after the last (no next chunk)
-    group = TINY.num_heads // TINY.num_kv_heads
+    group = model.config.num_heads // model.config.num_kv_heads
     for (length, keys, _), positions, length_after, keys_after, scores in seen:
         assert length_after == length  # the catalyst's own entries are dropped
         np.testing.assert_array_equal(keys_after[:, :, :, :length], keys[:, :, :, :length])
@@ -183,7 +164,7 @@ def test_cr_rope_renumbers_the_pot_and_new_tokens_continue_from_it(model: Llama,
     monkeypatch.setattr(lcm.generate, "_prefill_chunk", spy)
     engine = Engine(model, chunk_size=8, policy=InfiniPot(budget=16, catalyst_ids=CATALYST))
     assert engine.keys_pre_rope  # CR-RoPE re-rotates stored keys from their new positions
-    tokens = np.random.default_rng(6).integers(0, TINY.vocab_size, (1, 45))
+    tokens = np.random.default_rng(6).integers(0, model.config.vocab_size, (1, 45))
     _, cache = engine.prefill(tokens, engine.new_cache(1, engine.prompt_capacity(45)))
     assert starts == [0, 8, 16, 16, 16, 16]  # after each CCD cycle new tokens continue from |C| = 16
     assert int(cache.length) == 16 + 5  # no cycle after the last chunk (5 tokens): it stays in the pot
@@ -191,7 +172,7 @@ def test_cr_rope_renumbers_the_pot_and_new_tokens_continue_from_it(model: Llama,
 
 
 def test_a_budget_covering_the_context_reproduces_the_full_cache(model: Llama) -> None:
-    tokens = np.random.default_rng(2).integers(0, TINY.vocab_size, (1, 37))
+    tokens = np.random.default_rng(2).integers(0, model.config.vocab_size, (1, 37))
     engine = Engine(model, chunk_size=8, policy=InfiniPot(budget=40, catalyst_ids=CATALYST))
     full = Engine(model, chunk_size=8, keys_pre_rope=True)  # the full cache stored the same way (pre-RoPE)
     got, _ = engine.prefill(tokens, engine.new_cache(1, 37))
@@ -221,7 +202,7 @@ def test_a_long_input_is_distilled_in_bounded_memory(model: Llama, monkeypatch) 
     for length in (2 * budget, 20 * budget):
         assert engine.prompt_capacity(length) == budget + chunk + len(CATALYST)  # independent of the length
         sizes.clear()
-        tokens = np.random.default_rng(length).integers(0, TINY.vocab_size, (1, length))
+        tokens = np.random.default_rng(length).integers(0, model.config.vocab_size, (1, length))
         cache = engine.new_cache(1, engine.prompt_capacity(length))
         assert cache.capacity == capacity == 32
         _, cache = engine.prefill(tokens, cache)

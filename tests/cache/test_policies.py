@@ -11,14 +11,13 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcm.cache.kv import init_cache
 from lcm.cache.policies import H2O, POLICIES, KVPolicy, SnapKV, StreamingLLM, compress, make_policy, parse_policy
 from lcm.generate import Engine
-from lcm.models.llama import Llama, LlamaConfig
+from lcm.models.llama import Llama
 from lcm.ops.kv_scores import attention_mass, reference_attention_mass
 
 
@@ -115,27 +114,9 @@ def test_attention_mass_matches_the_dense_reference() -> None:
     assert float(got[:, :, 30:].max()) == 0.0  # nothing beyond the filled length
 
 
-TINY = LlamaConfig(
-    vocab_size=101,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    tie_embeddings=False,
-    attention_q_block=8,
-    attention_kv_block=8,
-)
-
-
-@pytest.fixture(scope="module")
-def model() -> Llama:
-    return Llama(TINY, rngs=nnx.Rngs(1))
-
-
 @pytest.mark.parametrize("name", sorted(set(POLICIES) - {"full"}))
 def test_a_budget_covering_the_context_reproduces_the_full_cache(model: Llama, name: str) -> None:
-    tokens = np.random.default_rng(2).integers(0, TINY.vocab_size, (1, 37))
+    tokens = np.random.default_rng(2).integers(0, model.config.vocab_size, (1, 37))
     policy = make_policy(name, budget=40)
     engine = Engine(model, chunk_size=8, policy=policy)
     # the full cache stored the same way (pre-RoPE keys for renumbering policies): same program, same numbers
@@ -155,7 +136,7 @@ def test_a_budget_covering_the_context_reproduces_the_full_cache(model: Llama, n
 def test_streaming_policies_hold_at_most_budget_plus_a_chunk(model: Llama, name: str) -> None:
     engine = Engine(model, chunk_size=8, policy=make_policy(name, budget=12))
     for length in (30, 90):
-        tokens = np.random.default_rng(length).integers(0, TINY.vocab_size, (1, length))
+        tokens = np.random.default_rng(length).integers(0, model.config.vocab_size, (1, length))
         cache = engine.new_cache(1, engine.prompt_capacity(length))
         assert cache.capacity == 24  # budget 12 + one chunk of 8, rounded up to chunks: the same for any length
         _, cache = engine.prefill(tokens, cache)
@@ -165,7 +146,7 @@ def test_streaming_policies_hold_at_most_budget_plus_a_chunk(model: Llama, name:
 
 def test_snapkv_prefills_everything_then_keeps_its_budget(model: Llama) -> None:
     engine = Engine(model, chunk_size=8, policy=SnapKV(budget=10, window=4))
-    tokens = np.random.default_rng(5).integers(0, TINY.vocab_size, (1, 30))
+    tokens = np.random.default_rng(5).integers(0, model.config.vocab_size, (1, 30))
     cache = engine.new_cache(1, engine.prompt_capacity(30))
     assert cache.capacity == 32
     _, cache = engine.prefill(tokens, cache)
