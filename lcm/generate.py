@@ -29,6 +29,7 @@ from lcm.cache.infinipot import record_novelty, token_novelty
 from lcm.cache.kv import KVCache
 from lcm.cache.policies import KVPolicy, compress
 from lcm.models.llama import Llama
+from lcm.ops.token_select import init_selection_cache
 
 
 def _run_chunk(
@@ -168,6 +169,9 @@ class Engine:
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size={self.chunk_size} must be positive")
+        limit = self.policy.max_prefill_chunk()
+        if limit is not None:  # TokenSelect: a chunk must fit in its local window
+            self.chunk_size = min(self.chunk_size, limit)
         self.graphdef, self.params = nnx.split(self.model)
         self.config = self.model.config
         self.keys_pre_rope = self.keys_pre_rope or self.policy.renumber
@@ -180,7 +184,7 @@ class Engine:
         streaming policy holds at most its budget plus one chunk, whatever the prompt's length, plus room for
         the transient entries of its probe chunk if it has one."""
         policy = self.policy
-        if not (policy.bounded and length > policy.budget):
+        if not (policy.bounded and policy.evicts and length > policy.budget):
             return length
         probe = len(policy.probe_tokens())
         return (policy.budget + self.chunk_size if policy.streaming else length) + probe
@@ -206,6 +210,11 @@ class Engine:
             cache = dataclasses.replace(cache, scores=jnp.zeros(cache.keys.shape[:4], jnp.float32))
         if self.policy.needs_nll:
             cache = dataclasses.replace(cache, token_nll=jnp.zeros(cache.keys.shape[:4], jnp.float32))
+        rule = self.policy.attention_rule()
+        if rule is not None:
+            cfg = self.config
+            selection = init_selection_cache(batch, cfg.num_heads, cfg.head_dim, rule.k, cfg.num_layers)
+            cache = dataclasses.replace(cache, select=rule, selection=selection)
         if starts is not None:
             starts = np.asarray(starts, np.int32)
             if starts.shape != (batch,) or starts.min() < 0:
@@ -250,6 +259,8 @@ class Engine:
             raise ValueError(f"KV policy {policy.name!r} works on unpadded rows; batch prompts of equal length")
         # one scale for the whole prompt, as a single transformers forward; renumbered positions stay in the cache
         rope_seq_len = jnp.int32(min(length, needed) if policy.renumber else length)
+        if policy.attention_rule() is not None:  # positions never exceed what a step attends to
+            rope_seq_len = jnp.int32(min(length, policy.budget))
         filled = int(cache.length)
         logits = None
         # the prediction of each chunk's first token (NuC); uniform for the first token of the prompt
@@ -271,7 +282,8 @@ class Engine:
             filled += n
             last = start + n == length
             after_chunk = policy.streaming and (not last or policy.compress_last_chunk)
-            if policy.bounded and filled > policy.budget and (after_chunk or last and not policy.streaming):
+            compresses = policy.bounded and policy.evicts and filled > policy.budget
+            if compresses and (after_chunk or last and not policy.streaming):
                 if policy.probe_tokens():
                     cache = self._probe(cache, filled, start + n, rope_seq_len)
                 cache = _compress(policy, cache, jnp.int32(start + n))
@@ -307,7 +319,7 @@ class Engine:
         self.last_prefill_seconds = time.perf_counter() - started
         self.last_cache_bytes = cache.num_bytes  # the prompt's cache at its largest, for memory reports
         filled = int(cache.length)
-        if self.policy.bounded:  # after eviction only `filled` slots hold entries: decode over a smaller buffer
+        if self.policy.bounded and self.policy.evicts:  # after eviction `filled` slots hold entries: shrink
             capacity = _round_up(filled + max_new_tokens, self.chunk_size)
             if capacity < cache.capacity:
                 cache = _shrink(cache, capacity)

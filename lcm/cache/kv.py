@@ -14,6 +14,11 @@ alone.
 With ``keys_pre_rope=True`` keys are stored *before* rotation and rotated at read time from ``positions``: a
 policy that renumbers positions (TokenSelect, InfiniPot, Locret, CLEX when its scale changes) then edits
 ``positions`` only. With ``False`` (the default, what transformers does) keys are stored rotated.
+
+With ``select`` (a :class:`~lcm.ops.token_select.TokenSelectRule`, static) every layer attends only to the entries
+TokenSelect picks once the cache holds more than ``select.budget`` (keys must be stored pre-RoPE: the picked
+entries are rotated at contiguous positions); ``selection`` then carries each layer's selection cache from step to
+step.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from lcm.ops.token_select import SelectionCache, TokenSelectRule
 
 
 @jax.tree_util.register_dataclass
@@ -34,6 +41,9 @@ class KVCache:
     scores: jax.Array | None = None  # [L, B, K, S] float32: attention mass per entry, for KV policies that rank by it
     token_nll: jax.Array | None = None  # [L, B, K, S] float32: each entry's token NLL when fed (InfiniPot's NuC)
     starts: jax.Array | None = None  # [B] int32: first real slot of each left-padded row; None = all rows start at 0
+    # TokenSelect's per-layer selection cache ([L, ...] arrays) and the rule attention selects by (static)
+    selection: SelectionCache | None = None
+    select: TokenSelectRule | None = dataclasses.field(default=None, metadata={"static": True})
     keys_pre_rope: bool = dataclasses.field(default=False, metadata={"static": True})
 
     @property
@@ -42,8 +52,8 @@ class KVCache:
 
     @property
     def num_bytes(self) -> int:
-        arrays = (self.keys, self.values, self.positions, self.scores, self.token_nll)
-        return sum(int(x.size) * x.dtype.itemsize for x in arrays if x is not None)
+        arrays = (self.keys, self.values, self.positions, self.scores, self.token_nll, self.selection)
+        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(arrays))
 
 
 def init_cache(

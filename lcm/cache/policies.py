@@ -9,8 +9,10 @@ questions for the generation loop (:class:`lcm.generate.Engine`):
    window) get priority ``+inf``; empty slots ``-inf``. ``streaming`` policies compress after every chunk, so the
    cache never holds more than ``budget + chunk`` prompt entries (memory bounded whatever the prompt length);
    the others compress once, after the whole prompt (SnapKV needs the full prefill, as its paper says).
-2. **What a decode step attends to.** Everything kept: eviction policies select at prefill; the cache then grows
-   by the generated tokens (as kvpress does: the budget is the prompt's cache).
+2. **What an attention step reads.** Everything kept, for eviction policies: they select at prefill and the cache
+   then grows by the generated tokens (as kvpress does: the budget is the prompt's cache). A selection policy
+   (TokenSelect, ``evicts = False``) keeps every entry and gives the model an :meth:`KVPolicy.attention_rule`:
+   each layer, at every prefill chunk and decode step, attends to the ``budget`` entries the rule picks.
 3. **Which positions the kept entries get.** ``renumber=False``: keys are stored rotated at their original
    positions and queries keep counting from the prompt length (H2O, SnapKV, kvpress's convention).
    ``renumber=True``: keys are stored before RoPE and every entry's position is its slot, so kept entries are
@@ -38,6 +40,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from lcm.cache.kv import KVCache
+from lcm.ops.token_select import DEFAULT_N_INIT, DEFAULT_N_LOCAL, DEFAULT_THRESHOLD, TokenSelectRule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,8 @@ class KVPolicy:
     compress_last_chunk: ClassVar[bool] = True  # streaming: also compress after the prompt's last chunk
     needs_scores: ClassVar[bool] = False  # accumulate attention mass in cache.scores
     needs_nll: ClassVar[bool] = False  # record each entry's token NLL in cache.token_nll (ranked by priority)
+    evicts: ClassVar[bool] = True  # a bounded policy compresses the cache (False: it selects what attention reads)
+    retaining: ClassVar[bool] = False  # the model's retaining heads (Locret) score every new entry into cache.scores
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 0:
@@ -80,6 +85,18 @@ class KVPolicy:
     def observers(self, positions: np.ndarray, prompt_length: int) -> np.ndarray:
         """``[T]`` bool: which of the chunk's queries (absolute prompt positions) add to the attention mass."""
         return np.zeros(positions.shape, bool)
+
+    def attention_rule(self) -> TokenSelectRule | None:
+        """What each attention step reads beyond the kept entries (question 2): ``None`` = all of them."""
+        return None
+
+    def max_prefill_chunk(self) -> int | None:
+        """The largest prefill chunk the policy works with (the Engine prefills in smaller chunks if needed)."""
+        return None
+
+    def tail_tokens(self) -> int:
+        """Prompt tokens at the end prefilled after the last compression, never evicted (Locret's ``n_loc``)."""
+        return 0
 
     def probe_tokens(self) -> tuple[int, ...]:
         """Token ids the Engine feeds after the cached entries just before each compression, whose queries alone
@@ -196,6 +213,62 @@ class SnapKV(KVPolicy):
         return jnp.where(_filled(scores, length), rank, -jnp.inf)
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenSelect(KVPolicy):
+    """Dynamic token-level selection (Wu et al. 2024, arXiv 2411.02886; METHODS §5; the math and every deviation
+    from the official code are in :mod:`lcm.ops.token_select`). Nothing is evicted: the cache keeps every entry,
+    pre-RoPE, and each layer's attention reads the first ``n_init``, the soft vote's top ``k`` and the last
+    ``n_local`` entries, rotated at contiguous positions, once the cache holds more than ``budget = n_init + k +
+    n_local``; per prefill chunk and per decode step, with the selection cache (reuse while the query
+    fingerprints' cosine similarity is ``>= threshold``).
+
+    ``budget`` is what attention reads, not what memory holds: TokenSelect saves compute, not memory (the cost
+    table reports its full cache). The paper's split is 128 + 2048 + 512 = 2688; for other budgets the defaults
+    scale it: ``n_init = min(128, budget // 8)``, ``n_local = min(512, budget // 2)``, ``k`` the rest (at 1024:
+    128 + 384 + 512). A prefill chunk must fit in the local window (the official chunk is ``n_local`` = 512), so
+    the Engine prefills in chunks of at most ``n_local``."""
+
+    n_init: int = -1  # first tokens always attended; -1 = min(128, budget // 8)
+    n_local: int = -1  # last tokens always attended (>= the prefill chunk); -1 = min(512, budget // 2)
+    threshold: float = DEFAULT_THRESHOLD  # cosine similarity to reuse the last selection; > 1 = never reuse
+
+    name: ClassVar[str] = "tokenselect"
+    renumber: ClassVar[bool] = True  # keys stored pre-RoPE; below the budget positions are slots
+    evicts: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        for field in ("n_init", "n_local"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+                raise ValueError(f"tokenselect: {field}={value!r} must be a number of tokens >= 0 (or -1 = default)")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float):
+            raise ValueError(f"tokenselect: threshold={self.threshold!r} must be a number (a cosine similarity)")
+        if self.n_local == 0:
+            raise ValueError("tokenselect: n_local=0 leaves the current token out; use n_local >= 1")
+        super().__post_init__()
+
+    @property
+    def init_tokens(self) -> int:
+        return min(DEFAULT_N_INIT, self.budget // 8) if self.n_init < 0 else self.n_init
+
+    @property
+    def local_tokens(self) -> int:
+        return max(1, min(DEFAULT_N_LOCAL, self.budget // 2)) if self.n_local < 0 else self.n_local
+
+    def min_budget(self) -> int:
+        return self.init_tokens + self.local_tokens + 1
+
+    def promised(self) -> str:
+        return f"{self.init_tokens} initial and {self.local_tokens} local tokens, and at least 1 selected"
+
+    def attention_rule(self) -> TokenSelectRule:
+        k = self.budget - self.init_tokens - self.local_tokens
+        return TokenSelectRule(n_init=self.init_tokens, k=k, n_local=self.local_tokens, threshold=self.threshold)
+
+    def max_prefill_chunk(self) -> int:
+        return self.local_tokens
+
+
 from lcm.cache.infinipot import InfiniPot  # noqa: E402  (it subclasses KVPolicy, so it is imported after it)
 
 POLICIES: dict[str, type[KVPolicy]] = {
@@ -204,6 +277,7 @@ POLICIES: dict[str, type[KVPolicy]] = {
     "snapkv": SnapKV,
     "h2o": H2O,
     "infinipot": InfiniPot,
+    "tokenselect": TokenSelect,
 }
 
 

@@ -258,13 +258,39 @@ class SelectionCache:
     filled: jax.Array  # [B] bool: whether the row holds a selection yet
 
 
-def init_selection_cache(batch: int, num_heads: int, head_dim: int, k: int) -> SelectionCache:
-    """An empty cache: nothing is reused until a row has selected once."""
+def init_selection_cache(
+    batch: int, num_heads: int, head_dim: int, k: int, num_layers: int | None = None
+) -> SelectionCache:
+    """An empty cache: nothing is reused until a row has selected once. With ``num_layers``, one per layer,
+    stacked on a leading axis (what :class:`lcm.cache.kv.KVCache` holds)."""
+    lead = () if num_layers is None else (num_layers,)
     return SelectionCache(
-        q_mean=jnp.zeros((batch, num_heads, head_dim), jnp.float32),
-        top=jnp.zeros((batch, k), jnp.int32),
-        filled=jnp.zeros((batch,), bool),
+        q_mean=jnp.zeros((*lead, batch, num_heads, head_dim), jnp.float32),
+        top=jnp.zeros((*lead, batch, k), jnp.int32),
+        filled=jnp.zeros((*lead, batch), bool),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSelectRule:
+    """The static parameters of a TokenSelect step (hashable: it rides on the KV cache as static metadata)."""
+
+    n_init: int = DEFAULT_N_INIT  # first tokens always attended (attention sinks)
+    k: int = DEFAULT_TOP_K  # tokens chosen by the soft vote
+    n_local: int = DEFAULT_N_LOCAL  # last tokens always attended; a prefill chunk must fit in it
+    threshold: float = DEFAULT_THRESHOLD  # cosine similarity above which the previous top-k is reused
+
+    def __post_init__(self) -> None:
+        selection_width(self.n_init, self.k, self.n_local, 1)  # validates the three counts
+        if self.n_local < 1:
+            raise ValueError(f"TokenSelect n_local={self.n_local} must be >= 1 (the current token is local)")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float):
+            raise ValueError(f"TokenSelect threshold={self.threshold!r} must be a number (cosine; > 1 = no reuse)")
+
+    @property
+    def budget(self) -> int:
+        """Entries a step attends to once the cache holds more: ``n_init + k + n_local``."""
+        return self.n_init + self.k + self.n_local
 
 
 def fingerprint_similarity(a: Float[Array, "B H D"], b: Float[Array, "B H D"]) -> Float[Array, " B"]:
@@ -344,20 +370,29 @@ def token_select_attention(
     threshold: float = DEFAULT_THRESHOLD,
     start: Length | None = None,
     scale: float | None = None,
+    num_valid: Int[Array, ""] | int | None = None,
 ) -> tuple[Float[Array, "B T H D"], SelectionCache, Bool[Array, " B"]]:
     """One layer's TokenSelect step for a chunk of ``T`` queries whose pre-RoPE K/V fill slots ``length − T …
     length − 1``: fingerprint (rotated at ``n_local + t``), cached selection, attention. Returns the output, the
-    updated cache and which rows reused it. Pass ``threshold > 1`` to never reuse."""
+    updated cache and which rows reused it. Pass ``threshold > 1`` to never reuse.
+
+    A right-padded chunk (a prefill's last chunk at a static shape) passes ``num_valid``: its first ``num_valid``
+    queries are real and fill slots ``length − num_valid …`` (``length`` counts real entries only); padded queries
+    stay out of the fingerprint, and their outputs are meaningless."""
     q_len = q.shape[1]
     if q_len > n_local:
         raise ValueError(
             f"a chunk of T={q_len} tokens must fit in the local window n_local={n_local} (chunk <= n_local)"
         )
-    q_mean = query_fingerprint(q, inv_freq=inv_freq, attention_factor=attention_factor, position_offset=n_local)
+    real = q_len if num_valid is None else num_valid
+    q_valid = None if num_valid is None else jnp.broadcast_to(jnp.arange(q_len) < num_valid, q.shape[:2])
+    q_mean = query_fingerprint(
+        q, inv_freq=inv_freq, attention_factor=attention_factor, position_offset=n_local, q_valid=q_valid
+    )
     indices, valid, cache, reused = select_with_cache(
         q_mean, keys, length, cache, n_init=n_init, k=k, n_local=n_local, threshold=threshold, start=start
     )
-    q_offset = _rows(length, q.shape[0]) - q_len
+    q_offset = _rows(length, q.shape[0]) - real
     out = selected_attention(
         q,
         keys,
