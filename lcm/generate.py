@@ -41,16 +41,24 @@ def _run_chunk(
     rope_seq_len: jax.Array,
     cache: KVCache,
     observers_BxC: jax.Array | None = None,
+    retain: bool = False,
 ) -> tuple[Llama, jax.Array, KVCache]:
-    """One right-padded prefill chunk through the decoder (traced inside the jitted callers below)."""
+    """One right-padded prefill chunk through the decoder (traced inside the jitted callers below); ``retain``:
+    the model's retaining heads score the chunk's entries into ``cache.scores`` (Locret)."""
     model = nnx.merge(graphdef, params)
     hidden_BxCxD, cache = model.hidden_states(
-        tokens_BxC, positions_BxC, cache, num_valid=num_valid, rope_seq_len=rope_seq_len, observers=observers_BxC
+        tokens_BxC,
+        positions_BxC,
+        cache,
+        num_valid=num_valid,
+        rope_seq_len=rope_seq_len,
+        observers=observers_BxC,
+        retain_scores=retain,
     )
     return model, hidden_BxCxD, cache
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("retain",), donate_argnames=("cache",))
 def _prefill_chunk(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -61,10 +69,11 @@ def _prefill_chunk(
     cache: KVCache,
     observers_BxC: jax.Array | None = None,
     previous_logits_BxV: jax.Array | None = None,
+    retain: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     start = cache.length
     model, hidden_BxCxD, cache = _run_chunk(
-        graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache, observers_BxC
+        graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache, observers_BxC, retain
     )
     if cache.token_nll is None:
         last_BxD = jax.lax.dynamic_index_in_dim(hidden_BxCxD, num_valid - 1, axis=1, keepdims=False)
@@ -113,9 +122,9 @@ def _nll_chunk(
     return nll_BxC, cache
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
-def _compress(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array) -> KVCache:
-    return compress(policy, cache, prompt_seen)
+@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnames=("cache",))
+def _compress(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array, final: bool = False) -> KVCache:
+    return compress(policy, cache, prompt_seen, final)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -175,6 +184,11 @@ class Engine:
         self.graphdef, self.params = nnx.split(self.model)
         self.config = self.model.config
         self.keys_pre_rope = self.keys_pre_rope or self.policy.renumber
+        if self.policy.retaining and not all(hasattr(block, "retaining") for block in self.model.layers):
+            raise ValueError(
+                f"KV policy {self.policy.name!r} needs trained retaining heads on the model; train them with: "
+                "lcm run configs/locret_smollm2.py (lcm.io.retaining.load_retaining_heads attaches them)"
+            )
         # what the last generate() measured: its prompt cache at its largest, prefill and decode wall time
         self.last_cache_bytes, self.last_decode_steps = 0, 0
         self.last_prefill_seconds = self.last_decode_seconds = 0.0
@@ -187,7 +201,8 @@ class Engine:
         if not (policy.bounded and policy.evicts and length > policy.budget):
             return length
         probe = len(policy.probe_tokens())
-        return (policy.budget + self.chunk_size if policy.streaming else length) + probe
+        tail = max(self.chunk_size, _round_up(policy.tail_tokens(), self.chunk_size))  # the last chunk or tail
+        return (policy.budget + tail if policy.streaming else length) + probe
 
     def _check_tokens(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -206,7 +221,7 @@ class Engine:
     def new_cache(self, batch: int, capacity: int, starts: np.ndarray | None = None) -> KVCache:
         """An empty cache of ``capacity`` (rounded up to a chunk) slots; ``starts [B]`` for left-padded rows."""
         cache = self.model.init_cache(batch, _round_up(capacity, self.chunk_size), self.keys_pre_rope)
-        if self.policy.needs_scores:
+        if self.policy.needs_scores or self.policy.retaining:
             cache = dataclasses.replace(cache, scores=jnp.zeros(cache.keys.shape[:4], jnp.float32))
         if self.policy.needs_nll:
             cache = dataclasses.replace(cache, token_nll=jnp.zeros(cache.keys.shape[:4], jnp.float32))
@@ -222,8 +237,11 @@ class Engine:
             cache = dataclasses.replace(cache, starts=jnp.asarray(starts))
         return cache
 
-    def _chunks(self, length: int) -> list[tuple[int, int]]:
-        return [(s, min(self.chunk_size, length - s)) for s in range(0, length, self.chunk_size)]
+    def _chunks(self, length: int, split: int | None = None) -> list[tuple[int, int]]:
+        """``(start, n)`` of each chunk of ``length`` tokens; with ``split``, chunks end there and start anew."""
+        split = length if split is None else split
+        head = [(s, min(self.chunk_size, split - s)) for s in range(0, split, self.chunk_size)]
+        return head + [(s, min(self.chunk_size, length - s)) for s in range(split, length, self.chunk_size)]
 
     def _pad(self, rows: np.ndarray, start: int, n: int) -> np.ndarray:
         """Columns ``start…start+n`` of ``rows``, right-padded with zeros to one chunk."""
@@ -265,7 +283,9 @@ class Engine:
         logits = None
         # the prediction of each chunk's first token (NuC); uniform for the first token of the prompt
         previous = None if cache.token_nll is None else jnp.zeros((batch, self.config.vocab_size), jnp.float32)
-        for start, n in self._chunks(length):
+        # the last `tail` prompt tokens are fed after the last compression and never evicted (Locret's n_loc)
+        evict_end = length - min(policy.tail_tokens(), length) if policy.bounded else length
+        for start, n in self._chunks(length, evict_end):
             chunk = self._pad(tokens, start, n)
             if policy.renumber:
                 positions = np.broadcast_to(np.arange(filled, filled + self.chunk_size, dtype=np.int32), chunk.shape)
@@ -276,17 +296,26 @@ class Engine:
                 watch = policy.observers(np.arange(start, start + self.chunk_size), length)
                 observers = jnp.asarray(np.broadcast_to(watch & (np.arange(self.chunk_size) < n), chunk.shape))
             logits, cache = _prefill_chunk(
-                self.graphdef, self.params, chunk, positions, jnp.int32(n), rope_seq_len, cache, observers, previous
+                self.graphdef,
+                self.params,
+                chunk,
+                positions,
+                jnp.int32(n),
+                rope_seq_len,
+                cache,
+                observers,
+                previous,
+                retain=policy.retaining,
             )
             previous = None if previous is None else logits
             filled += n
-            last = start + n == length
+            last = start + n == evict_end  # the last chunk before the never-evicted tail (if any)
             after_chunk = policy.streaming and (not last or policy.compress_last_chunk)
-            compresses = policy.bounded and policy.evicts and filled > policy.budget
+            compresses = policy.bounded and policy.evicts and filled > policy.budget and start + n <= evict_end
             if compresses and (after_chunk or last and not policy.streaming):
                 if policy.probe_tokens():
                     cache = self._probe(cache, filled, start + n, rope_seq_len)
-                cache = _compress(policy, cache, jnp.int32(start + n))
+                cache = _compress(policy, cache, jnp.int32(start + n), last)
                 filled = policy.budget
         return logits, cache
 

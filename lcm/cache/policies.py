@@ -57,6 +57,7 @@ class KVPolicy:
     needs_nll: ClassVar[bool] = False  # record each entry's token NLL in cache.token_nll (ranked by priority)
     evicts: ClassVar[bool] = True  # a bounded policy compresses the cache (False: it selects what attention reads)
     retaining: ClassVar[bool] = False  # the model's retaining heads (Locret) score every new entry into cache.scores
+    needs_final: ClassVar[bool] = False  # priority() is told whether this is the compression after the last chunk
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 0:
@@ -223,13 +224,15 @@ class TokenSelect(KVPolicy):
     fingerprints' cosine similarity is ``>= threshold``).
 
     ``budget`` is what attention reads, not what memory holds: TokenSelect saves compute, not memory (the cost
-    table reports its full cache). The paper's split is 128 + 2048 + 512 = 2688; for other budgets the defaults
-    scale it: ``n_init = min(128, budget // 8)``, ``n_local = min(512, budget // 2)``, ``k`` the rest (at 1024:
-    128 + 384 + 512). A prefill chunk must fit in the local window (the official chunk is ``n_local`` = 512), so
-    the Engine prefills in chunks of at most ``n_local``."""
+    table reports its full cache). The paper's split is 128 + 2048 + 512 = 2688 (5% + 76% + 19%); other budgets
+    keep its proportions: ``n_init = min(128, budget // 16)``, ``n_local = min(512, budget // 4)``, ``k`` the rest
+    (at 1024: 64 + 704 + 256; at 2688 the paper's split). A prefill chunk must fit in the local window (the
+    official chunk is ``n_local`` = 512), so the Engine prefills in chunks of at most ``n_local``. (A first split
+    that kept ``n_local`` at 512 left only k = 384 at budget 1024 and missed the 8k passkey that the paper's split
+    finds.)"""
 
-    n_init: int = -1  # first tokens always attended; -1 = min(128, budget // 8)
-    n_local: int = -1  # last tokens always attended (>= the prefill chunk); -1 = min(512, budget // 2)
+    n_init: int = -1  # first tokens always attended; -1 = min(128, budget // 16)
+    n_local: int = -1  # last tokens always attended (>= the prefill chunk); -1 = min(512, budget // 4)
     threshold: float = DEFAULT_THRESHOLD  # cosine similarity to reuse the last selection; > 1 = never reuse
 
     name: ClassVar[str] = "tokenselect"
@@ -249,11 +252,11 @@ class TokenSelect(KVPolicy):
 
     @property
     def init_tokens(self) -> int:
-        return min(DEFAULT_N_INIT, self.budget // 8) if self.n_init < 0 else self.n_init
+        return min(DEFAULT_N_INIT, self.budget // 16) if self.n_init < 0 else self.n_init
 
     @property
     def local_tokens(self) -> int:
-        return max(1, min(DEFAULT_N_LOCAL, self.budget // 2)) if self.n_local < 0 else self.n_local
+        return max(1, min(DEFAULT_N_LOCAL, self.budget // 4)) if self.n_local < 0 else self.n_local
 
     def min_budget(self) -> int:
         return self.init_tokens + self.local_tokens + 1
@@ -269,7 +272,8 @@ class TokenSelect(KVPolicy):
         return self.local_tokens
 
 
-from lcm.cache.infinipot import InfiniPot  # noqa: E402  (it subclasses KVPolicy, so it is imported after it)
+from lcm.cache.infinipot import InfiniPot  # noqa: E402  (these subclass KVPolicy, so they are imported after it)
+from lcm.cache.locret import Locret  # noqa: E402
 
 POLICIES: dict[str, type[KVPolicy]] = {
     "full": KVPolicy,
@@ -278,6 +282,7 @@ POLICIES: dict[str, type[KVPolicy]] = {
     "h2o": H2O,
     "infinipot": InfiniPot,
     "tokenselect": TokenSelect,
+    "locret": Locret,
 }
 
 
@@ -317,16 +322,19 @@ def parse_policy(spec: str, budget: int = 0) -> KVPolicy:
     return make_policy(name.strip(), budget, **params)
 
 
-def compress(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array) -> KVCache:
+def compress(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array, final: bool = False) -> KVCache:
     """Keep the ``policy.budget`` highest-priority filled slots of every layer and KV head, compacted in slot order.
 
     Pure and jit-able: indices come from ``lax.top_k`` over a fixed capacity, so shapes never depend on the prompt.
     Call it only when ``cache.length > budget`` (the Engine knows the length on the host): a policy whose budget
-    covers the context then never compresses and computes exactly what the full cache computes.
+    covers the context then never compresses and computes exactly what the full cache computes. ``final`` (static)
+    marks the compression after the prompt's last evictable chunk, for policies that treat it apart (Locret).
     """
     budget = policy.budget
     scores = cache.scores if cache.scores is not None else jnp.zeros(cache.keys.shape[:4], jnp.float32)
-    extra = {"token_nll": cache.token_nll} if policy.needs_nll else {}
+    extra: dict[str, Any] = {"token_nll": cache.token_nll} if policy.needs_nll else {}
+    if policy.needs_final:
+        extra["final"] = final
     priority = policy.priority(scores, cache.length, prompt_seen, **extra)
     _, top = jax.lax.top_k(priority, budget)  # [L, B, K, budget]
     kept = jnp.sort(top, axis=-1)  # slot order = original order: causality by slot still holds

@@ -279,7 +279,9 @@ def _decoder_layer(
                 n_init=rule.n_init,
                 k=rule.k,
                 n_local=rule.n_local,
-                threshold=rule.threshold,
+                # the selection cache serves decode steps only: 512-query means of prefill chunks are alike
+                # (cosine >= 0.9) whatever they attend to, and reusing them kept stale selections (lcm.ops.token_select)
+                threshold=rule.threshold if x.shape[1] == 1 else jnp.inf,
                 num_valid=num_valid,
             )
             return out.astype(q.dtype), new_selection
