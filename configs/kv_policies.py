@@ -11,7 +11,8 @@ Run: ``lcm run configs/kv_policies.py:cpu``.
 
 import ml_collections
 
-POLICIES = ("full", "streamingllm", "snapkv", "h2o")  # lcm.cache.policies.POLICIES; NAME[:k=v] for parameters
+# lcm.cache.policies.POLICIES; NAME[:k=v] for parameters. locret needs trained heads: lcm run configs/locret_smollm2.py
+POLICIES = ("full", "streamingllm", "snapkv", "h2o", "tokenselect", "infinipot", "locret")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

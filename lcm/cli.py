@@ -55,13 +55,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from lcm.evals.suite import context_warning, model_with_rope
     from lcm.generate import Engine
     from lcm.io.checkpoints import load_model
+    from lcm.io.retaining import model_for_policy
     from lcm.ops.rope import parse_rope_spec
 
     if args.rope not in ("none", "default", ""):
         parse_rope_spec(args.rope)  # fail on an unknown variant before loading weights
     policy = parse_policy(getattr(args, "policy", "full"), getattr(args, "budget", 0))
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    model = model_with_rope(model, args.rope)
+    model = model_for_policy(model_with_rope(model, args.rope), args.model, policy)  # heads after the RoPE swap
     lengths = getattr(args, "lengths", None) or [getattr(args, "length", 0)]
     warning = context_warning(model, args.rope, lengths)
     if warning:
@@ -102,6 +103,9 @@ def cmd_passkey(args: argparse.Namespace) -> None:
         args.trials,
         args.depth,
         args.seed,
+        filler=args.filler,
+        needle=args.needle,
+        question=args.question,
         progress=lambda t: print(
             f"  {t.length}: key {t.key} -> {t.output.strip()[:40]!r} {'ok' if t.correct else 'MISS'}", file=sys.stderr
         ),
@@ -204,8 +208,9 @@ JOBS: dict[str, Callable[..., Any]] = {}
 def _jobs() -> dict[str, Callable[..., Any]]:
     from lcm.evals.grid import run_grid_job
     from lcm.evals.suite import run_suite
+    from lcm.train.locret import run_locret_job
 
-    return {"long_context_suite": run_suite, "eval_grid": run_grid_job, **JOBS}
+    return {"long_context_suite": run_suite, "eval_grid": run_grid_job, "locret_train": run_locret_job, **JOBS}
 
 
 def cmd_run(args: argparse.Namespace, overrides: Sequence[str]) -> None:
@@ -228,7 +233,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--policy", default="full", help="KV policy NAME[:k=v,...]: full, streamingllm, snapkv, h2o, infinipot"
+        "--policy",
+        default="full",
+        help="KV policy NAME[:k=v,...]: full, streamingllm, snapkv, h2o, tokenselect, infinipot, locret",
     )
     p.add_argument("--budget", type=int, default=0, help="KV budget in tokens per layer and KV head (0 = full)")
 
@@ -253,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=0, help="sliding-window evaluation of the whole text")
     p.set_defaults(func=cmd_perplexity)
 
+    from lcm.evals import passkey as passkey_text
+
     p = evs.add_parser("passkey", help="passkey retrieval accuracy per length")
     _add_model_args(p)
     _add_policy_args(p)
@@ -260,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--depth", type=float, default=None, help="needle depth in [0, 1]; default random per trial")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--filler", default=passkey_text.FILLER, help="filler sentence(s), repeated to the length")
+    p.add_argument("--needle", default=passkey_text.NEEDLE, help="the needle line; must contain {key}")
+    p.add_argument("--question", default=passkey_text.QUESTION, help="the question the answer continues")
     p.set_defaults(func=cmd_passkey)
 
     from lcm.evals.niah import ANSWER, ANSWER_PREFIX, NEEDLE, QUESTION

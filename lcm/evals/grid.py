@@ -175,6 +175,7 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
     from lcm.evals.suite import model_with_rope
     from lcm.generate import Engine
     from lcm.io.checkpoints import load_model
+    from lcm.io.retaining import model_for_policy
 
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +202,9 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
     with (out / RESULTS).open("a") as sink:
         for (rope, policy, budget), group in _group_by(pending, lambda p: p[0]):
             kv_policy = parse_policy(policy, budget).with_tokenizer(tokenizer)
-            engine = Engine(model_with_rope(model, rope), chunk_size=spec.chunk_size, policy=kv_policy)
+            # Locret ranks by the model's trained retaining heads, attached after the RoPE swap
+            scored = model_for_policy(model_with_rope(model, rope), spec.model, kv_policy)
+            engine = Engine(scored, chunk_size=spec.chunk_size, policy=kv_policy)
             batch_size = 1 if kv_policy.bounded else spec.batch_size  # eviction works on unpadded rows
             todo = [s for _, s in group]
             for (task, length), cell in _group_by(todo, lambda s: (s.task, s.length)):

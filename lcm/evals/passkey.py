@@ -34,10 +34,28 @@ class PasskeyPrompt:
     depth: float  # fraction of the filler placed before the needle
 
 
-def build_prompt(tokenizer, length: int, key: int, depth: float, filler: str = FILLER) -> PasskeyPrompt:
-    """The longest prompt with whole filler repetitions that fits in ``length`` tokens."""
+def check_wording(filler: str, needle: str, question: str) -> None:
+    """One-line errors for wording the prompt cannot be built from."""
+    if not filler.strip() or not question.strip():
+        raise ValueError("the passkey filler and question must be non-empty text")
+    if "{key}" not in needle or needle.replace("{key}", "").count("{") or needle.replace("{key}", "").count("}"):
+        raise ValueError(f"the passkey needle {needle!r} must contain {{key}} (and no other braces)")
+
+
+def build_prompt(
+    tokenizer,
+    length: int,
+    key: int,
+    depth: float,
+    filler: str = FILLER,
+    needle: str = NEEDLE,
+    question: str = QUESTION,
+) -> PasskeyPrompt:
+    """The longest prompt with whole filler repetitions that fits in ``length`` tokens; ``filler``, ``needle``
+    (with ``{key}``) and ``question`` change the wording (the defaults are LongLoRA's)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth={depth} must lie in [0, 1]")
+    check_wording(filler, needle, question)
 
     def render(n_filler: int) -> list[int]:
         before = round(n_filler * depth)
@@ -45,9 +63,9 @@ def build_prompt(tokenizer, length: int, key: int, depth: float, filler: str = F
             [
                 TASK,
                 " ".join([filler] * before),
-                NEEDLE.format(key=key),
+                needle.format(key=key),
                 " ".join([filler] * (n_filler - before)),
-                QUESTION,
+                question,
             ]
         )
         return tokenizer.encode(text)
@@ -88,10 +106,15 @@ def run_passkey(
     seed: int = 0,
     max_new_tokens: int = 12,
     progress=None,
+    filler: str = FILLER,
+    needle: str = NEEDLE,
+    question: str = QUESTION,
 ) -> tuple[dict[int, float], list[PasskeyTrial]]:
-    """Accuracy per length over ``trials`` seeded trials; ``depth=None`` draws a random depth per trial."""
+    """Accuracy per length over ``trials`` seeded trials; ``depth=None`` draws a random depth per trial.
+    ``filler``, ``needle`` and ``question`` reword the prompt (see :func:`build_prompt`)."""
     if trials <= 0:
         raise ValueError(f"trials={trials} must be positive")
+    check_wording(filler, needle, question)
     records: list[PasskeyTrial] = []
     accuracy: dict[int, float] = {}
     for length in lengths:
@@ -100,7 +123,7 @@ def run_passkey(
             rng = np.random.default_rng((seed, length, trial))
             key = int(rng.integers(10000, 100000))
             trial_depth = float(rng.uniform()) if depth is None else depth
-            prompt = build_prompt(tokenizer, length, key, trial_depth)
+            prompt = build_prompt(tokenizer, length, key, trial_depth, filler, needle, question)
             out = engine.generate(np.array(prompt.ids), max_new_tokens, stop_ids=list(tokenizer.eos_ids))[0]
             text = tokenizer.decode(out.tolist())
             ok = first_integer(text) == key

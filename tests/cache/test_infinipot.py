@@ -157,9 +157,9 @@ def test_cr_rope_renumbers_the_pot_and_new_tokens_continue_from_it(model: Llama,
     starts = []
     chunk_fn = lcm.generate._prefill_chunk
 
-    def spy(graphdef, params, tokens, positions, *rest):
+    def spy(graphdef, params, tokens, positions, *rest, **kwargs):
         starts.append(int(np.asarray(positions)[0, 0]))
-        return chunk_fn(graphdef, params, tokens, positions, *rest)
+        return chunk_fn(graphdef, params, tokens, positions, *rest, **kwargs)
 
     monkeypatch.setattr(lcm.generate, "_prefill_chunk", spy)
     engine = Engine(model, chunk_size=8, policy=InfiniPot(budget=16, catalyst_ids=CATALYST))
@@ -189,9 +189,9 @@ def test_a_long_input_is_distilled_in_bounded_memory(model: Llama, monkeypatch) 
     sizes = []
     compress_fn = lcm.generate._compress
 
-    def spy(policy, cache, prompt_seen):
+    def spy(policy, cache, prompt_seen, *final):
         before = (cache.capacity, int(cache.length))
-        out = compress_fn(policy, cache, prompt_seen)
+        out = compress_fn(policy, cache, prompt_seen, *final)
         sizes.append((*before, out.capacity, int(out.length), out.num_bytes))
         return out
 

@@ -11,6 +11,7 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +19,7 @@ from lcm.cache.kv import init_cache
 from lcm.cache.policies import H2O, POLICIES, KVPolicy, SnapKV, StreamingLLM, compress, make_policy, parse_policy
 from lcm.generate import Engine
 from lcm.models.llama import Llama
+from lcm.models.retaining import RetainingHeads, attach_retaining_heads
 from lcm.ops.kv_scores import attention_mass, reference_attention_mass
 
 
@@ -118,12 +120,15 @@ def test_attention_mass_matches_the_dense_reference() -> None:
 def test_a_budget_covering_the_context_reproduces_the_full_cache(model: Llama, name: str) -> None:
     tokens = np.random.default_rng(2).integers(0, model.config.vocab_size, (1, 37))
     policy = make_policy(name, budget=40)
-    engine = Engine(model, chunk_size=8, policy=policy)
+    scored = model
+    if policy.retaining:  # Locret ranks by its retaining heads; random ones do here (nothing is evicted)
+        scored = attach_retaining_heads(model, RetainingHeads(model.config, hidden_width=16, rngs=nnx.Rngs(0)))
+    engine = Engine(scored, chunk_size=8, policy=policy)
     # the full cache stored the same way (pre-RoPE keys for renumbering policies): same program, same numbers
     full = Engine(model, chunk_size=8, keys_pre_rope=policy.renumber)
     got, _ = engine.prefill(tokens, engine.new_cache(1, 37))
     want, _ = full.prefill(tokens, full.new_cache(1, 37))
-    if policy.needs_scores:
+    if policy.needs_scores or policy.retaining:
         # the attention statistic is an extra consumer inside the layer, and XLA fuses the layer differently:
         # float32 round-off on O(1) logits (measured 6e-7), nothing else
         chex.assert_trees_all_close(got, want, atol=5e-6, rtol=5e-6)
@@ -185,6 +190,6 @@ def test_policies_from_specs_get_their_tokenized_text() -> None:
 
 
 def test_registry_names_are_the_contract() -> None:
-    assert {"full", "streamingllm", "snapkv", "h2o", "infinipot"} <= set(POLICIES)
+    assert {"full", "streamingllm", "snapkv", "h2o", "tokenselect", "infinipot", "locret"} <= set(POLICIES)
     assert parse_policy("streamingllm:sinks=2", 16) == StreamingLLM(budget=16, sinks=2)
     assert isinstance(make_policy("full"), KVPolicy) and not make_policy("full").bounded

@@ -41,6 +41,20 @@ def test_passkey_prompt_too_short_is_an_error(tokenizer) -> None:
         passkey.build_prompt(tokenizer, 20, key=12345, depth=0.5)
 
 
+def test_passkey_wording_is_a_parameter(tokenizer) -> None:
+    wording = dict(
+        filler="The river runs to the sea. Birds sing at dawn.",
+        needle="The secret code is {key}. Keep it in mind. {key} is the secret code.",
+        question="What is the secret code? The secret code is",
+    )
+    prompt = passkey.build_prompt(tokenizer, 512, key=70312, depth=0.25, **wording)
+    text = tokenizer.decode(prompt.ids)
+    assert len(prompt.ids) <= 512 and text.endswith(wording["question"])
+    assert text.count("The secret code is 70312.") == 1 and "grass" not in text and "pass key" not in text
+    with pytest.raises(ValueError, match="must contain {key}"):
+        passkey.build_prompt(tokenizer, 512, key=1, depth=0.5, needle="The code is {code}.")
+
+
 def test_first_integer() -> None:
     assert passkey.first_integer(" 36209.\nThe pass key is 1") == 36209
     assert passkey.first_integer("no digits") is None
