@@ -1,0 +1,147 @@
+"""One pre-norm decoder layer of the LLaMA family, jitted once and shared by every layer of a model.
+
+The layer is where the KV policies meet attention: it writes the new keys and values into the stacked cache, reads
+the whole layer (full attention, any mask) or TokenSelect's selection of it, and feeds the statistics policies rank
+entries by (attention mass for H2O/SnapKV/InfiniPot, retaining-head scores for Locret) back into the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from lcm.cache.kv import write_layer
+from lcm.kernels.token_select import api as token_select_api
+from lcm.ops import rope as rope_ops
+from lcm.ops.attention import chunked_attention
+from lcm.ops.kv_scores import attention_mass
+from lcm.ops.token_select import SelectionCache, TokenSelectRule
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSettings:
+    """The static part of a decoder layer call (hashable: a ``jax.jit`` static argument)."""
+
+    window: int | None
+    q_block: int
+    kv_block: int
+    keys_pre_rope: bool
+    select: TokenSelectRule | None = None  # TokenSelect: attend to the selected entries once the cache is larger
+    retain: bool = False  # Locret: write each block's retaining-head scores of the new entries into the scores
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def decoder_layer(
+    settings: LayerSettings,
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    x: Float[Array, "B T D"],
+    keys: Float[Array, "L B K S hd"],
+    values: Float[Array, "L B K S hd"],
+    layer: Int[Array, ""],
+    start: Int[Array, ""],
+    positions: Int[Array, "B T"],
+    cache_positions: Int[Array, "B S"],
+    inv_freq: Float[Array, " F"],
+    attention_factor: float | jax.Array,
+    q_segments: Int[Array, "B T"] | None = None,
+    k_segments: Int[Array, "B S"] | None = None,
+    scores: Float[Array, "L B K S"] | None = None,
+    observers: Bool[Array, "B T"] | None = None,
+    num_valid: Int[Array, ""] | None = None,
+    selection: SelectionCache | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, SelectionCache | None]:
+    """One pre-norm decoder layer over ``T`` new tokens, writing its keys and values into the stacked cache.
+
+    Jitted on its own, with the layer index a traced argument: the 30 layers of a model share one trace and one
+    lowered function inside the model's program (XLA inlines the calls), so tracing and lowering the model costs
+    one layer, not 30 — what a second run, whose XLA compilation comes from the disk cache, still pays.
+
+    With ``settings.select`` (TokenSelect) the layer attends to the whole cache while it holds at most
+    ``select.budget`` entries and to TokenSelect's selection beyond (a ``lax.cond``: one branch runs), updating
+    its slice of the stacked ``selection`` cache; ``num_valid`` counts the chunk's real tokens. With
+    ``settings.retain`` (Locret) the block's retaining head scores the new entries into ``scores``.
+    """
+    block = nnx.merge(graphdef, params)
+    q_pre, k_pre, v = block.attn.project_qkv(block.input_norm(x))
+    q = rope_ops.apply_rope(q_pre, positions, inv_freq, attention_factor)
+    k = k_pre if settings.keys_pre_rope else rope_ops.apply_rope(k_pre, positions, inv_freq, attention_factor)
+    keys, values = write_layer(keys, values, layer, start, k, v)
+
+    def readable() -> tuple[jax.Array, jax.Array, jax.Array | int]:
+        """The stacked cache and the layer to read: attention reads layer ``layer`` where it lies (slicing it out
+        would copy it), or a rotated copy of the layer when keys are stored pre-RoPE (a policy may renumber)."""
+        if not settings.keys_pre_rope:
+            return keys, values, layer
+        rotated = rope_ops.apply_rope(keys[layer].swapaxes(1, 2), cache_positions, inv_freq, attention_factor)
+        return rotated.swapaxes(1, 2)[None], values[layer][None], 0
+
+    def full_attention() -> jax.Array:
+        layer_keys, layer_values, read_layer = readable()
+        return chunked_attention(
+            q,
+            layer_keys,
+            layer_values,
+            q_offset=start,
+            kv_length=start + x.shape[1],
+            window=settings.window,
+            q_segments=q_segments,
+            k_segments=k_segments,
+            q_block=settings.q_block,
+            kv_block=settings.kv_block,
+            heads_first=True,
+            layer=read_layer,
+        )
+
+    rule = settings.select
+    if rule is None or rule.budget >= keys.shape[3]:  # a cache no larger than the budget is always attended fully
+        attn = full_attention()
+    else:
+        filled = start + (x.shape[1] if num_valid is None else num_valid)
+        layer_selection = jax.tree.map(lambda s: s[layer], selection)
+
+        def selected() -> tuple[jax.Array, SelectionCache]:
+            out, new_selection, _ = token_select_api.token_select_attention(
+                q_pre,
+                keys[layer],
+                values[layer],
+                filled,
+                layer_selection,
+                inv_freq=inv_freq,
+                attention_factor=attention_factor,
+                n_init=rule.n_init,
+                k=rule.k,
+                n_local=rule.n_local,
+                # the selection cache serves decode steps only: 512-query means of prefill chunks are alike
+                # (cosine >= 0.9) whatever they attend to, and reusing them kept stale selections (lcm.ops.token_select)
+                threshold=rule.threshold if x.shape[1] == 1 else jnp.inf,
+                num_valid=num_valid,
+            )
+            return out.astype(q.dtype), new_selection
+
+        attn, layer_selection = jax.lax.cond(
+            filled <= rule.budget, lambda: (full_attention(), layer_selection), selected
+        )
+        selection = jax.tree.map(
+            lambda s, new: jax.lax.dynamic_update_index_in_dim(s, new, layer, axis=0), selection, layer_selection
+        )
+    if scores is not None and observers is not None:  # a KV policy ranks entries by the attention they receive
+        # the extra consumer of q and the keys changes XLA's fusion of this layer: outputs then differ from the
+        # full cache's by float32 round-off (~1e-7), which optimisation barriers did not remove
+        layer_keys, _, read_layer = readable()
+        mass = attention_mass(q, layer_keys[read_layer], observers, q_offset=start, kv_length=start + x.shape[1])
+        scores = jax.lax.dynamic_update_index_in_dim(scores, scores[layer] + mass, layer, axis=0)
+    if scores is not None and settings.retain:  # Locret: the layer's retaining head scores each new entry
+        predicted_BxTxK = block.retaining(q_pre, k_pre, v).astype(jnp.float32)
+        zero = jnp.zeros((), jnp.int32)
+        scores = jax.lax.dynamic_update_slice(
+            scores, predicted_BxTxK.swapaxes(1, 2)[None], (jnp.asarray(layer, jnp.int32), zero, zero, start)
+        )
+    x = x + block.attn.output(attn)
+    x = x + block.mlp(block.post_attention_norm(x))
+    return x, keys, values, scores, selection
