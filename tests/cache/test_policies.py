@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcm.cache.kv import init_cache
+from lcm.cache.locret import Locret
 from lcm.cache.policies import H2O, POLICIES, KVPolicy, SnapKV, StreamingLLM, compress, make_policy, parse_policy
 from lcm.generate import Engine
 from lcm.models.llama import Llama
@@ -89,6 +90,7 @@ def test_no_policy_exceeds_its_budget_or_drops_what_it_promises(length, extra, s
         StreamingLLM(budget=sinks + extra, sinks=sinks),
         H2O(budget=window + extra, recent=window),
         SnapKV(budget=window + extra, window=window, kernel=3),
+        Locret(budget=window + extra, stabilizers=window, n_loc=0),  # stabilisers: the `window` newest
     ):
         out = compress(policy, _tagged_cache(2, 3, capacity, length, scores), jnp.int32(length))
         assert int(out.length) == min(length, policy.budget)
