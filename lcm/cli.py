@@ -5,6 +5,8 @@
     lcm eval perplexity --model M --input FILE --length N [--stride S] [--rope SPEC] [--json]
     lcm eval passkey --model M --lengths 2048,8192 --trials 10 [--depth 0.5] [--seed 0] [--rope SPEC]
         [--policy NAME[:k=v,...] --budget N] [--json]
+    lcm eval lines --model M (--lengths 2048,4096 | --num-lines 100,200) --trials 10 [--depth 0.5] [--seed 0]
+        [--rope SPEC] [--policy NAME[:k=v,...] --budget N] [--no-chat] [--json]
     lcm eval niah --model M --lengths ... --depths ... [--haystack FILE] --out DIR [--rope SPEC] [--json]
     lcm eval grid --model M --tasks T1,T2,file:X.jsonl --lengths ... [--rope SPEC ...] [--policy NAME ...]
         [--budget N,...] [--samples 5] [--batch-size 4] --out DIR [--json]
@@ -118,6 +120,47 @@ def cmd_passkey(args: argparse.Namespace) -> None:
         "outputs": [t.__dict__ for t in trials],
     }
     _emit(args, payload, "passkey accuracy: " + ", ".join(f"{n}: {a:.0%}" for n, a in acc.items()))
+
+
+def cmd_lines(args: argparse.Namespace) -> None:
+    from lcm.evals import giraffe, tasks
+
+    if bool(args.lengths) == bool(args.num_lines):
+        raise BadInput("give exactly one of --lengths (tokens, lines fitted) and --num-lines (lines, as Giraffe)")
+    _, tokenizer, engine = _load(args)
+    chat = not args.no_chat
+    depths = None if args.depth is None else [args.depth]
+    if args.lengths:
+        cells = {n: giraffe.generate_lines(tokenizer, n, args.trials, args.seed, chat, depths) for n in args.lengths}
+    else:  # no depth: a seeded random line per trial, as LongChat and Giraffe draw it
+        cells = {
+            n: [giraffe.lines_prompt(tokenizer, n, args.seed, i, chat, args.depth) for i in range(args.trials)]
+            for n in args.num_lines
+        }
+    unit = "tokens" if args.lengths else "lines"
+
+    def show(s: tasks.Scored) -> None:
+        meta = s.sample.meta
+        where = f"line {meta['line_index'] + 1}/{meta['num_lines']}, {len(s.sample.ids)} tokens"
+        verdict = "ok" if s.score == 1.0 else "MISS"
+        print(f"  {where}: {s.sample.references[0]} -> {s.output.strip()[:40]!r} {verdict}", file=sys.stderr)
+
+    accuracy, outputs = {}, []
+    for n, samples in cells.items():
+        scored = tasks.run_samples(engine, tokenizer, samples, progress=show)
+        accuracy[str(n)] = sum(s.score for s in scored) / len(scored)
+        outputs += [s.sample.to_dict() | {"output": s.output, "score": s.score} for s in scored]
+    payload = {
+        "accuracy": accuracy,
+        "unit": unit,
+        "trials": args.trials,
+        "model": args.model,
+        "rope": args.rope,
+        "policy": args.policy,
+        "budget": args.budget,
+        "outputs": outputs,
+    }
+    _emit(args, payload, f"lines accuracy by {unit}: " + ", ".join(f"{n}: {a:.0%}" for n, a in accuracy.items()))
 
 
 def cmd_niah(args: argparse.Namespace) -> None:
@@ -273,6 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--needle", default=passkey_text.NEEDLE, help="the needle line; must contain {key}")
     p.add_argument("--question", default=passkey_text.QUESTION, help="the question the answer continues")
     p.set_defaults(func=cmd_passkey)
+
+    p = evs.add_parser("lines", help="LongChat-Lines (Giraffe) accuracy per length or per number of lines")
+    _add_model_args(p)
+    _add_policy_args(p)
+    p.add_argument("--lengths", type=_int_list, default=None, help="prompt lengths in tokens (lines fitted)")
+    p.add_argument("--num-lines", type=_int_list, default=None, help="numbers of lines (Giraffe's sweep)")
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--depth", type=float, default=None, help="the asked line's depth in [0, 1]; default spread")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="a plain prompt, no chat template")
+    p.set_defaults(func=cmd_lines)
 
     from lcm.evals.niah import ANSWER, ANSWER_PREFIX, NEEDLE, QUESTION
 

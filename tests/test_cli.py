@@ -36,6 +36,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
         (["eval", "passkey", "--lengths", "64", "--policy", "h2o:recent=x", "--budget", "64"], "recent='x'"),
         (["run", "configs/quickstart.py", "--config.passkey.trails=3"], "unknown config field 'passkey.trails'"),
         (["run", "configs/quickstart.py", "--config.passkey.trials=many"], "expected a value of type int"),
+        (["eval", "lines", "--trials", "2"], "exactly one of --lengths"),
+        (["eval", "lines", "--lengths", "512", "--num-lines", "5"], "exactly one of --lengths"),
+        (["eval", "lines", "--num-lines", "5", "--depth", "2"], "--depth=2"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(
@@ -96,3 +99,20 @@ def test_real_model_perplexity_json(capsys: pytest.CaptureFixture[str], smollm2_
     assert payload["n_tokens"] == 511
     # Python source is easy for a code-trained model: a mean NLL between 0.5 and 4 nats is sane, 10.8 = uniform
     assert 0.5 < payload["nll"] < 4.0
+
+
+def test_real_model_lines_json(capsys: pytest.CaptureFixture[str], smollm2_gguf: Path) -> None:
+    """`lcm eval lines`: the JSON contract, each trial's score recomputed from its output, the line counts asked."""
+    import re
+
+    code, out, _ = run_cli(capsys, "eval", "lines", "--num-lines", "4,8", "--trials", "2", "--seed", "3", "--json")
+    assert code == 0
+    payload = json.loads(out.strip().splitlines()[-1])
+    assert payload["unit"] == "lines" and set(payload["accuracy"]) == {"4", "8"}
+    for n in (4, 8):
+        rows = [r for r in payload["outputs"] if r["meta"]["num_lines"] == n]
+        assert len(rows) == 2
+        for row in rows:  # LongChat's rule, independently: the first integer of the continuation is the value
+            first = re.search(r"-?\d+", row["output"])
+            assert row["score"] == float(first is not None and first.group() == row["references"][0])
+        assert payload["accuracy"][str(n)] == sum(r["score"] for r in rows) / 2
