@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from lcm.generate import Engine
-from lcm.models.llama import Llama, LlamaConfig, abstract_model, forward, map_params
+from lcm.models.llama import Llama, LlamaConfig, forward, random_model
 
 TINY = LlamaConfig(
     vocab_size=128,
@@ -41,16 +41,7 @@ NLL_TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 @pytest.fixture(scope="module")
 def model() -> Llama:
-    """Random weights drawn in numpy into ``abstract_model`` (no op-by-op compiling of the random init)."""
-    rng = np.random.default_rng(0)
-
-    def draw(path: tuple[str, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        if path[-1] == "scale":
-            return jnp.ones(leaf.shape, leaf.dtype)
-        fan_in = 1 if path[-1] == "embed" else leaf.shape[0] if path[-1] != "o_proj" else np.prod(leaf.shape[:2])
-        return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(fan_in), leaf.dtype)
-
-    return map_params(abstract_model(TINY), draw)
+    return random_model(TINY, 0)
 
 
 def _prompts(seed: int, batch: int, length: int) -> np.ndarray:

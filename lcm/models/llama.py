@@ -353,3 +353,27 @@ def with_config(model: Llama, cfg: LlamaConfig) -> Llama:
     """The same parameters under another config (e.g. another RoPE variant); shapes must agree."""
     graphdef, _ = nnx.split(abstract_model(cfg))
     return nnx.merge(graphdef, nnx.state(model))
+
+
+def random_model(cfg: LlamaConfig, seed: int = 0) -> Llama:
+    """A model with every parameter drawn in numpy (norm scales around 1, biases nonzero, matrices ~ 1/sqrt(fan_in)),
+    so no term of the forward is trivial: for tests and benchmarks. Filling :func:`abstract_model` costs no
+    compilation, where ``Llama(cfg, rngs=...)`` compiles a random kernel per parameter shape."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path: tuple[str, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        name, shape = path[-1], leaf.shape
+        if name == "scale":
+            value = 1.0 + 0.2 * rng.standard_normal(shape)
+        elif name.endswith("bias"):
+            value = 0.3 * rng.standard_normal(shape)
+        elif name == "embed":
+            value = rng.standard_normal(shape)
+        else:  # q/k/v are [D, heads, head_dim]: fan-in D; every other matrix is [..., out] with fan-in the rest
+            fan_in = shape[0] if name in ("q_proj", "k_proj", "v_proj") else np.prod(shape[:-1])
+            value = rng.standard_normal(shape) / np.sqrt(fan_in)
+        return jnp.asarray(value, leaf.dtype)
+
+    return map_params(abstract_model(cfg), draw)

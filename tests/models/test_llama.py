@@ -18,7 +18,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lcm.models.llama import Llama, LlamaConfig, abstract_model, forward, map_params, param_count, with_config
+from lcm.models.llama import (
+    Llama,
+    LlamaConfig,
+    abstract_model,
+    forward,
+    map_params,
+    param_count,
+    random_model,
+    with_config,
+)
 
 TINY_ARGS = dict(
     vocab_size=128,
@@ -51,27 +60,6 @@ def _tokens(seed: int, batch: int, length: int, vocab: int = TINY.vocab_size) ->
 
 def _positions(batch: int, length: int, start: int = 0) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(start, start + length, dtype=jnp.int32), (batch, length))
-
-
-def random_model(cfg: LlamaConfig, seed: int = 0) -> Llama:
-    """A model with every parameter drawn in numpy (norm scales around 1, biases nonzero, matrices ~ 1/sqrt(fan_in))
-    so no term of the forward is trivial; filling ``abstract_model`` avoids compiling the random init op by op."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path: tuple[str, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        name, shape = path[-1], leaf.shape
-        if name == "scale":
-            value = 1.0 + 0.2 * rng.standard_normal(shape)
-        elif name.endswith("bias"):
-            value = 0.3 * rng.standard_normal(shape)
-        elif name == "embed":
-            value = rng.standard_normal(shape)
-        else:  # q/k/v are [D, heads, head_dim]: fan-in D; every other matrix is [..., out] with fan-in the rest
-            fan_in = shape[0] if name in ("q_proj", "k_proj", "v_proj") else np.prod(shape[:-1])
-            value = rng.standard_normal(shape) / np.sqrt(fan_in)
-        return jnp.asarray(value, leaf.dtype)
-
-    return map_params(abstract_model(cfg), draw)
 
 
 _tiny_model = functools.cache(random_model)

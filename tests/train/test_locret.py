@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from lcm.io.retaining import ENV_VAR, heads_dir, load_retaining_heads, model_name, save_retaining_heads
-from lcm.models.llama import Llama, LlamaConfig, abstract_model, map_params
+from lcm.models.llama import Llama, LlamaConfig, random_model
 from lcm.models.retaining import RetainingHeads, has_retaining_heads
 from lcm.train.locret import (
     make_fused_train_step,
@@ -44,21 +44,6 @@ TINY = LlamaConfig(
     attention_kv_block=32,
 )
 SEQ, PROMPT = 40, 32
-
-
-def random_model(config: LlamaConfig, seed: int) -> Llama:
-    """A model with numpy-drawn random weights: building one through ``nnx.Rngs`` compiles a random kernel per
-    parameter shape (~0.5 s each on a busy 2-core machine), most of a small test's time."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path: tuple[str, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        name = path[-1]
-        if name == "scale":  # RMSNorm gains
-            return jnp.asarray(1 + 0.1 * rng.normal(size=leaf.shape), leaf.dtype)
-        fan_in = 1 if name == "embed" else leaf.shape[0] * (leaf.shape[1] if name == "o_proj" else 1)
-        return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(fan_in), leaf.dtype)
-
-    return map_params(abstract_model(config), draw)
 
 
 @pytest.fixture(scope="module")
