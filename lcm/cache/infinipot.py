@@ -56,7 +56,9 @@ Choices the paper leaves open, and deviations:
    after the last chunk there is none, so the end of the input (where a question sits) is never distilled away
    and the answer is decoded from a pot of at most ``|M|`` entries (``compress_last_chunk = False``; the other
    streaming policies compress to their budget after the last chunk too).
-8. CaP-Q (the real question as catalyst) is a choice of ``catalyst_ids``, not a separate policy.
+8. CaP-Q (the real question as catalyst) is a choice of the catalyst, not a separate policy: ``catalyst="..."``
+   (from the command line ``--policy "infinipot:catalyst=What is the pass key?"``; no commas in the text) or
+   ``catalyst_ids``.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class InfiniPot(KVPolicy):
     """
 
     alpha: float = 0.5  # share of |C| given to the highest-NuC tokens (the paper's default)
+    catalyst: str = ""  # the catalyst prompt's text, tokenized by with_tokenizer; "" = CATALYST_TEXT (CaP)
     catalyst_ids: tuple[int, ...] | None = None  # the tokenized catalyst prompt; None = not given yet
 
     name: ClassVar[str] = "infinipot"
@@ -100,6 +103,8 @@ class InfiniPot(KVPolicy):
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not 0 <= self.alpha <= 1:
             raise ValueError(f"infinipot: alpha={self.alpha!r} must be a number in [0, 1] (the paper's 0.5)")
+        if not isinstance(self.catalyst, str) or (self.catalyst and not self.catalyst.strip()):
+            raise ValueError(f"infinipot: catalyst={self.catalyst!r} must be text (empty: {CATALYST_TEXT!r})")
         if self.catalyst_ids is not None:
             ids = self.catalyst_ids
             if not isinstance(ids, tuple) or not ids:
@@ -126,7 +131,8 @@ class InfiniPot(KVPolicy):
     def with_tokenizer(self, tokenizer: Any) -> InfiniPot:
         if self.catalyst_ids is not None:
             return self
-        return dataclasses.replace(self, catalyst_ids=tuple(tokenizer.encode(CATALYST_TEXT, add_special=False)))
+        text = self.catalyst or CATALYST_TEXT
+        return dataclasses.replace(self, catalyst_ids=tuple(tokenizer.encode(text, add_special=False)))
 
     def probe_tokens(self) -> tuple[int, ...]:
         if self.catalyst_ids is None:

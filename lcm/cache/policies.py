@@ -287,7 +287,7 @@ POLICIES: dict[str, type[KVPolicy]] = {
 
 
 def make_policy(name: str, budget: int = 0, **params: Any) -> KVPolicy:
-    """A policy by registry name, with its budget in tokens and its own parameters (ints)."""
+    """A policy by registry name, with its budget in tokens and its own parameters (numbers, or text)."""
     if name not in POLICIES:
         raise ValueError(f"unknown KV policy {name!r}; choose one of {sorted(POLICIES)}")
     cls = POLICIES[name]
@@ -296,6 +296,8 @@ def make_policy(name: str, budget: int = 0, **params: Any) -> KVPolicy:
         if key not in fields:
             raise ValueError(f"{name}: unknown parameter {key!r}; its parameters are {sorted(fields) or 'none'}")
         kind = type(fields[key].default)
+        if kind is str and not isinstance(value, str):
+            raise ValueError(f"{name}: parameter {key}={value!r} must be text")
         if kind in (int, float) and (
             isinstance(value, bool) or not isinstance(value, int if kind is int else int | float)
         ):
@@ -310,11 +312,18 @@ def make_policy(name: str, budget: int = 0, **params: Any) -> KVPolicy:
 def parse_policy(spec: str, budget: int = 0) -> KVPolicy:
     """``NAME[:k=v,...]`` as the CLI takes it, e.g. ``streamingllm:sinks=4``."""
     name, _, rest = spec.partition(":")
-    params: dict[str, int] = {}
+    cls = POLICIES.get(name.strip())
+    text_fields = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, str)} if cls else set()
+    params: dict[str, int | float | str] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"policy parameter {item!r} in {spec!r} must look like key=value")
+        if key.strip() in text_fields:  # text parameters (InfiniPot's catalyst) are taken as written
+            if not value.strip():
+                raise ValueError(f"{name}: parameter {key.strip()}={value!r} must be non-empty text")
+            params[key.strip()] = value.strip()
+            continue
         try:
             params[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
         except ValueError:

@@ -174,6 +174,8 @@ def test_snapkv_prefills_everything_then_keeps_its_budget(model: Llama) -> None:
         (lambda: make_policy("h2o", 0), "needs a positive budget"),
         (lambda: make_policy("full", 256), "makes no sense for the full cache"),
         (lambda: SnapKV(budget=64, kernel=4), "kernel=4 must be an odd"),
+        (lambda: make_policy("infinipot", 64, catalyst=3), "catalyst=3 must be text"),
+        (lambda: parse_policy("infinipot:catalyst= ", 64), "catalyst=' ' must be non-empty text"),
     ],
 )
 def test_bad_policies_are_one_line_errors(call, message: str) -> None:
@@ -188,6 +190,10 @@ def test_policies_from_specs_get_their_tokenized_text() -> None:
 
     policy = parse_policy("infinipot:alpha=0.25", 64).with_tokenizer(Tokenizer())
     assert policy.alpha == 0.25 and policy.catalyst_ids == (9, 3, 8, 7, 12, 3, 4, 9, 6)
+    # CaP-Q: the question as the catalyst, taken as written (a text parameter is never parsed as a number)
+    policy = parse_policy("infinipot:catalyst=What is the pass key?,alpha=0.5", 64).with_tokenizer(Tokenizer())
+    assert policy.catalyst == "What is the pass key?" and policy.catalyst_ids == (4, 2, 3, 4, 4)
+    assert parse_policy("infinipot:catalyst=12", 64).catalyst == "12"
     assert parse_policy("h2o:recent=8", 64).with_tokenizer(Tokenizer()) == H2O(budget=64, recent=8)
 
 
