@@ -1,10 +1,11 @@
 """Tables and plots of an eval grid's ``results.jsonl`` (:mod:`lcm.evals.grid`).
 
 ``report(OUT)`` writes ``results.md`` — one table per task (mean score x 100), the average over RULER tasks with
-RULER's effective length, and a cost table (KV bytes measured from the cache arrays, prefill seconds, decode
-ms/token) — plus ``heatmap_<task>.png`` (length x method), ``heatmap_<task>_depth*.png`` (length x depth per
-method, for tasks that plant something at a depth), ``budget.png`` (score versus KV budget per policy) and
-``summary.png`` (mean score versus length per method).
+RULER's effective length, for grids with KV budgets a table of score versus budget per policy, and a cost table
+(KV bytes measured from the cache arrays, prefill seconds, decode ms/token) — plus ``heatmap_<task>.png``
+(length x method), ``heatmap_<task>_depth*.png`` (length x depth per method, for tasks that plant something at a
+depth), ``budget.png`` (score versus KV budget per policy) and ``summary.png`` (mean score versus length per
+method).
 """
 
 from __future__ import annotations
@@ -70,10 +71,45 @@ def markdown(rows: Sequence[dict[str, Any]], threshold: float = 0.856) -> str:
             cells = [f"{100 * by_length[n][0]:.1f}" if n in by_length else "" for n in lengths]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
+    budgets = budget_table(rows)
+    if budgets:
+        parts.append(budgets)
     cost = cost_table(rows)
     if cost:
         parts.append(cost)
     return "\n\n".join(parts) + "\n"
+
+
+def budget_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Mean score x 100 per KV policy (rows) and task x budget (columns), one table per length, the budget also
+    as a share of the length; the full cache (budget 0) is one row whose score stands under every budget. Empty
+    when the grid has no budgets."""
+    budgets = sorted({r["budget"] for r in rows if r["budget"] > 0})
+    if not budgets:
+        return ""
+    scores: dict[tuple[str, str, int, int], list[float]] = collections.defaultdict(list)
+    for r in rows:
+        policy = r["policy"] if r["rope"] in ("none", "", "default") else f"{r['rope']} {r['policy']}"
+        scores[(policy, r["task"], r["length"], r["budget"])].append(r["score"])
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    policies = list(dict.fromkeys(key[0] for key in scores))
+    parts = []
+    for length in sorted({r["length"] for r in rows}):
+        if not any(key[2] == length and key[3] > 0 for key in scores):
+            continue
+        header = " | ".join(f"{t} {b} ({b / length:.0%})" for t in tasks for b in budgets)
+        lines = [f"### Score versus KV budget at {length} tokens (x 100; budget in tokens and share)", ""]
+        lines += [f"| policy | {header} |", "|---" * (len(tasks) * len(budgets) + 1) + "|"]
+        for policy in policies:
+            cells = []
+            for t in tasks:
+                for b in budgets:
+                    got = scores.get((policy, t, length, b)) or scores.get((policy, t, length, 0))
+                    cells.append(f"{100 * np.mean(got):.0f}" if got else "")
+            if any(cells):
+                lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def cost_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -185,6 +185,21 @@ def test_markdown_tables_and_effective_length() -> None:
     assert "| none | 90.0 | 85.0 | 70.0 |" in text
 
 
+def test_budget_table_pivots_policies_against_task_and_budget() -> None:
+    def row(task: str, policy: str, budget: int, score: float, length: int = 2048) -> dict:
+        return dict(task=task, length=length, rope="none", policy=policy, budget=budget, score=score)
+
+    rows = [row("passkey", "full", 0, 1.0), row("niah", "full", 0, 0.5), row("passkey", "full", 0, 1.0, 4096)]
+    rows += [row("passkey", "h2o", 256, 0.0), row("passkey", "h2o", 256, 1.0), row("niah", "h2o", 256, 0.25)]
+    rows += [row("passkey", "h2o", 512, 1.0), row("niah", "h2o", 512, 0.75)]
+    text = report.budget_table(rows)
+    assert "### Score versus KV budget at 2048 tokens" in text and "4096" not in text  # no budgets at 4096
+    assert "| policy | passkey 256 (12%) | passkey 512 (25%) | niah 256 (12%) | niah 512 (25%) |" in text
+    assert "| full | 100 | 100 | 50 | 50 |" in text  # the full cache under every budget
+    assert "| h2o | 50 | 100 | 25 | 75 |" in text  # means over samples
+    assert report.budget_table([row("passkey", "full", 0, 1.0)]) == ""
+
+
 def test_spec_from_config_rejects_unknown_fields() -> None:
     from lcm.config import load_config
 
