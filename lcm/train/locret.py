@@ -37,17 +37,23 @@ Choices and deviations, and why:
 - **Data** (:mod:`lcm.train.locret_data`). The official heads train on 3000 LongAlpaca instruction samples
   (answers written about a long context); we have no such data offline, so samples come from long local text
   (Python's reference documentation and the ``typing`` module's source; never the eval task generators). The
-  answer is, per sample, with probability ``copy_fraction`` (0.5) a **copy of a random span of the prompt**, else
-  the **text that follows** the prompt. The continuation alone gives labels that point mostly at the recent window
-  and at syntax, which the stabilisers and the ``n_loc`` tail keep anyway; an answer that depends on a distant part
-  of the context is what a long-context answer is, and repeating a span is its generic, task-free form (induction
-  heads attend to the span, so the labels point at it). The span is uniform over the prompt, so no position prior
-  is learned. The model's own greedy continuation was not used: 128 decode steps per sample cost more than the
-  training itself. The last 10% of each text is held out.
+  answer is, per sample, with probability ``needle_fraction`` (0.4 in the config) the **needles planted in a
+  filler** (four short spans of the text or runs of random digits, in a window of the text or one span
+  repeated), else with probability ``copy_fraction`` (0.5) a **copy of a random span of the prompt**, else the
+  **text that follows** the prompt. The continuation alone gives labels that point mostly at the recent window
+  and at syntax, which the stabilisers and the ``n_loc`` tail keep anyway; an answer that depends on a distant
+  part of the context is what a long-context answer is, and repeating a span is its generic, task-free form
+  (induction heads attend to the span, so the labels point at it). The needles were added after heads trained on
+  copies and continuations alone evicted the digits of a reworded passkey prompt (README): no such sample is a
+  few new tokens in low-information context, which is what retrieval tasks hide. No template of any eval task is
+  used. Spans and needles are uniform over the prompt, so no position prior is learned. The model's own greedy
+  continuation was not used: 128 decode steps per sample cost more than the training itself. The last 10% of
+  each text is held out.
 - **Features computed once per sample.** On 2 CPU cores the frozen forward of a 2k-token sample costs 8-20 s and a
-  step of the heads ~1 s, so by default the features and labels of ``samples`` (16) samples are computed first
-  (stored in bfloat16: 118 MB per 2k sample for SmolLM2-135M) and the heads then train ``steps`` steps over them
-  in shuffled epochs: 150 steps in ~5-10 minutes instead of 20-50. With ``samples >= steps`` every step takes a
+  step of the heads ~1 s, so by default the features and labels of ``samples`` samples (48 in the config) are
+  computed first (stored in bfloat16: 118 MB per 2k sample for SmolLM2-135M) and the heads then train ``steps``
+  steps over them in shuffled epochs: 450 steps in ~15 minutes instead of over an hour. With ``samples >= steps``
+  every step takes a
   fresh sample through :func:`make_fused_train_step` (forward under ``stop_gradient`` + update, one program, no
   stored features): the official regime, which recomputes the forward at every step (``train.py:181``).
 - **Labels from one forward without a cache** instead of chunked prefill (``data_gen.py:121``): the same numbers
@@ -55,7 +61,7 @@ Choices and deviations, and why:
   :func:`lcm.ops.attention.chunked_attention` (what ``Llama`` calls; 1.5x faster than the dense reference here).
 - **Sliding windows** (Mistral) are applied to the forward's attention but not to the labels: a label is the raw
   logit, as in the official code (written for models without windows).
-- **Short CPU runs**: 150 steps over 16 samples of 2k tokens by default instead of 3000 samples of up to 10240
+- **Short CPU runs**: 450 steps over 48 samples of 2k tokens by default instead of 3000 samples of up to 10240
   tokens, and float32 instead of bf16 for the model and the heads.
 """
 
@@ -77,7 +83,15 @@ from tqdm.auto import tqdm
 from lcm.cache.locret import Locret
 from lcm.models.llama import Llama
 from lcm.models.retaining import PAPER_FRACTION, RetainingHeads, retaining_hidden_width
-from lcm.train.locret_data import COPY_FRACTION, default_texts, make_sample, split_streams, token_streams
+from lcm.train.locret_data import (
+    COPY_FRACTION,
+    NEEDLE_FRACTION,
+    default_texts,
+    digit_token_ids,
+    make_sample,
+    split_streams,
+    token_streams,
+)
 from lcm.train.locret_labels import Backbone, Example, backbone_of, layerwise_pass, make_example_fn
 
 ALPHA = 0.0025  # weight of the smoothness term (train.py:217)
@@ -269,6 +283,8 @@ def train_on_streams(
     hidden_fraction: float = PAPER_FRACTION,
     hidden_width: int | None = None,
     copy_fraction: float = COPY_FRACTION,
+    needle_fraction: float = NEEDLE_FRACTION,
+    digit_ids: Sequence[int] = (),
     eval_samples: int = 4,
     progress: bool = True,
 ) -> tuple[RetainingHeads, dict[str, Any]]:
@@ -278,17 +294,16 @@ def train_on_streams(
         raise ValueError(
             f"locret training: answer_tokens={answer_tokens} must not exceed prompt_tokens={prompt_tokens}"
         )
-    if not 0 <= copy_fraction <= 1:
-        raise ValueError(f"locret training: copy_fraction={copy_fraction!r} must lie in [0, 1]")
+    for name, fraction in (("copy_fraction", copy_fraction), ("needle_fraction", needle_fraction)):
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"locret training: {name}={fraction!r} must lie in [0, 1]")
+    mix = {"copy_fraction": copy_fraction, "needle_fraction": needle_fraction, "digit_ids": digit_ids}
     sample_tokens = prompt_tokens + answer_tokens
     train_streams, held_out_streams = split_streams(streams, sample_tokens)
     rng, held_out_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
-    train_samples = [
-        make_sample(rng, train_streams, prompt_tokens, answer_tokens, copy_fraction) for _ in range(samples)
-    ]
+    train_samples = [make_sample(rng, train_streams, prompt_tokens, answer_tokens, **mix) for _ in range(samples)]
     held_out = [
-        make_sample(held_out_rng, held_out_streams, prompt_tokens, answer_tokens, copy_fraction)
-        for _ in range(eval_samples)
+        make_sample(held_out_rng, held_out_streams, prompt_tokens, answer_tokens, **mix) for _ in range(eval_samples)
     ]
 
     width = hidden_width or retaining_hidden_width(model.config, hidden_fraction)
@@ -346,6 +361,9 @@ def train_on_streams(
         "warmup_fraction": warmup_fraction,
         "alpha": alpha,
         "copy_fraction": copy_fraction,
+        "needle_fraction": needle_fraction,
+        "digit_ids": [int(i) for i in digit_ids],
+        "kinds": {k: sum(kind == k for _, kind in train_samples) for k in sorted({kind for _, kind in train_samples})},
         "hidden_width": width,
         "head_params": head_params,
         "param_fraction": head_params / model_params,
@@ -380,12 +398,14 @@ def train_retaining_heads(
     ``answer_tokens`` tokens from ``texts`` (default: the standard library's prose and code).
 
     ``options`` go to :func:`train_on_streams`: ``samples`` (distinct training samples, 16), ``learning_rate``,
-    ``warmup_fraction``, ``alpha``, ``hidden_fraction`` or ``hidden_width``, ``copy_fraction``, ``eval_samples``
+    ``warmup_fraction``, ``alpha``, ``hidden_fraction`` or ``hidden_width``, ``copy_fraction``, ``needle_fraction``,
+    ``digit_ids`` (default: the tokenizer's single-token digits), ``eval_samples``
     (held-out, 4), ``progress``. Returns the heads and a JSON-ready dict of metrics: train loss, timings and
     (``held_out``) the held-out loss and top-10% recall of the trained and untrained heads, with the random-score
     and most-recent baselines.
     """
     streams = token_streams(tokenizer, default_texts() if texts is None else texts)
+    options.setdefault("digit_ids", digit_token_ids(tokenizer))
     return train_on_streams(
         model, streams, steps=steps, prompt_tokens=prompt_tokens, answer_tokens=answer_tokens, seed=seed, **options
     )
@@ -431,6 +451,7 @@ def run_locret_job(cfg: Any, log: Callable[[str], None] = print) -> dict[str, An
         alpha=cfg.alpha,
         hidden_fraction=cfg.hidden_fraction,
         copy_fraction=cfg.copy_fraction,
+        needle_fraction=cfg.needle_fraction,
         eval_samples=cfg.eval_samples,
     )
     metadata = {"metrics": metrics, "config": cfg.to_dict()}

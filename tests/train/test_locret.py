@@ -175,6 +175,50 @@ def test_samples_copy_a_span_of_the_prompt_or_continue_the_text() -> None:
         split_streams([stream[:100]], 60)
 
 
+def test_needle_samples_plant_the_answer_in_a_filler() -> None:
+    """Needles: the answer is spans found, in order and whole, in the prompt; the rest of the prompt is a window of
+    the text or one span repeated; digit needles draw from the digit ids only."""
+    stream = np.arange(100, 5100, dtype=np.int32)  # every token distinct, so where each came from is unambiguous
+    digits = np.arange(10, 20, dtype=np.int32)  # not in the stream
+    rng = np.random.default_rng(1)
+    fillers, needle_kinds = set(), set()
+    for _ in range(40):
+        tokens, kind = make_sample(rng, [stream], 300, 40, needle_fraction=1.0, digit_ids=digits)
+        assert kind == "needles" and tokens.shape == (340,) and tokens.dtype == np.int32
+        prompt, answer = tokens[:300], tokens[300:]
+        spans = np.split(answer, [10, 20, 30])  # 40 answer tokens, 4 needles of 10
+        at = 0
+        for span in spans:  # each needle occurs in the prompt after the previous one
+            hits = [i for i in range(at, 300 - 9) if np.array_equal(prompt[i : i + 10], span)]
+            assert hits, (span, prompt)
+            at = hits[0] + 10
+            is_digits = np.isin(span, digits)
+            assert is_digits.all() or not is_digits.any()
+            needle_kinds.add(bool(is_digits.all()))
+            if not is_digits.any():
+                np.testing.assert_array_equal(np.diff(span), 1)  # a span of the text
+        planted = np.zeros(300, bool)
+        for span in spans:
+            i = next(
+                i for i in range(300 - 9) if np.array_equal(prompt[i : i + 10], span) and not planted[i : i + 10].any()
+            )
+            planted[i : i + 10] = True
+        filler = prompt[~planted]
+        assert len(filler) == 260 and not np.isin(filler, digits).any()
+        steps = np.diff(filler)
+        fillers.add("window" if np.all(steps == 1) else "repeated")
+        if not np.all(steps == 1):  # one span of 16-128 tokens, tiled
+            period = int(np.argmax(filler[1:] == filler[0])) + 1
+            assert 16 <= period <= 128
+            np.testing.assert_array_equal(filler, np.resize(filler[:period], 260))
+    assert fillers == {"window", "repeated"} and needle_kinds == {True, False}
+    # no digit ids: text needles only; fraction 0: the old kinds only
+    tokens, _ = make_sample(rng, [stream], 300, 40, needle_fraction=1.0)
+    assert not np.isin(tokens, digits).any()
+    kinds = {make_sample(rng, [stream], 300, 40, needle_fraction=0.0)[1] for _ in range(20)}
+    assert kinds == {"copy", "continuation"}
+
+
 def test_a_short_training_run_lowers_the_loss(model: Llama) -> None:
     streams = [np.random.default_rng(1).integers(0, TINY.vocab_size, 3000).astype(np.int32)]
     heads, metrics = train_on_streams(
