@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lcm.cache.infinipot import record_novelty, token_novelty
-from lcm.cache.kv import KVCache
+from lcm.cache.kv import KVCache, record_novelty, token_novelty
 from lcm.cache.policies import KVPolicy, compress
 from lcm.models.llama import Llama
 from lcm.ops.token_select import init_selection_cache

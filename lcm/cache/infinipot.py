@@ -26,7 +26,7 @@ How it maps onto :mod:`lcm.cache.policies` and :class:`lcm.generate.Engine`:
   with ``cache.scores`` zeroed and the catalyst's queries the only observers, then sets ``cache.length`` back
   (``lcm.generate._probe_chunk``); ``cache.scores`` then holds the catalyst's attention to every cached key.
 - NuC: ``cache.token_nll`` holds each entry's NLL, written by the Engine when its chunk is fed
-  (:func:`record_novelty`) and moved with the entry by ``compress``.
+  (:func:`lcm.cache.kv.record_novelty`) and moved with the entry by ``compress``.
 - The combination is a priority (NuC picks ``+inf``, the rest their CaP score), so ``compress`` stays the one
   place that gathers.
 
@@ -67,12 +67,10 @@ import dataclasses
 import math
 from typing import Any, ClassVar
 
-import chex
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
-from lcm.cache.kv import KVCache
 from lcm.cache.policies import KVPolicy
 
 CATALYST_TEXT = "Summarize the previous context highlighting the most important parts."  # the paper's CaP
@@ -161,26 +159,3 @@ class InfiniPot(KVPolicy):
         _, top = jax.lax.top_k(jnp.where(filled, token_nll, -jnp.inf), picks)  # [L, B, K, picks]
         chosen = jnp.put_along_axis(jnp.zeros(scores.shape, bool), top, True, axis=-1, inplace=False)
         return jnp.where(chosen, jnp.inf, cap)
-
-
-def token_novelty(
-    tokens: Int[Array, "B C"], logits: Float[Array, "B C V"], previous_logits: Float[Array, "B V"]
-) -> Float[Array, "B C"]:
-    """NuC of a chunk's tokens: ``-log p(x_t | pot, x_<t)`` from the logits at ``t - 1``; the first token's
-    prediction is ``previous_logits`` (the previous chunk's last position; zeros = uniform for the input's
-    first token)."""
-    chex.assert_shape(logits, (*tokens.shape, None))
-    chex.assert_shape(previous_logits, (tokens.shape[0], logits.shape[-1]))
-    predicting_BxCxV = jnp.concatenate([previous_logits[:, None], logits[:, :-1]], axis=1)
-    logprobs = jax.nn.log_softmax(predicting_BxCxV.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]
-
-
-def record_novelty(cache: KVCache, start: Int[Array, ""], nll: Float[Array, "B C"]) -> KVCache:
-    """Write a chunk's NuC into ``cache.token_nll`` at slots ``start…start+C`` of every layer and KV head."""
-    num_layers, batch, num_kv_heads, _ = cache.token_nll.shape
-    chex.assert_shape(nll, (batch, None))
-    block = jnp.broadcast_to(nll[None, :, None, :], (num_layers, batch, num_kv_heads, nll.shape[1]))
-    zero = jnp.zeros((), jnp.int32)
-    token_nll = jax.lax.dynamic_update_slice(cache.token_nll, block, (zero, zero, zero, jnp.asarray(start, jnp.int32)))
-    return dataclasses.replace(cache, token_nll=token_nll)

@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lcm.generate
-from lcm.cache.infinipot import InfiniPot, token_novelty
-from lcm.cache.kv import init_cache
+from lcm.cache.infinipot import InfiniPot
+from lcm.cache.kv import init_cache, token_novelty
 from lcm.cache.policies import POLICIES, compress, make_policy
 from lcm.generate import Engine
 from lcm.models.llama import Llama
