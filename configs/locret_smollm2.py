@@ -1,8 +1,9 @@
 """Train Locret retaining heads for SmolLM2-135M on CPU (backbone frozen; lcm.train.locret).
 
 Default: 450 steps over 48 samples of 2048 prompt + 128 answer tokens from the standard library's prose and code
-(planted needles, copied spans and continuations; about 15 minutes on 2 idle cores), held-out recall of the true top-10% CIS positions against random and
-most-recent baselines, heads saved where ``lcm.io.retaining.load_retaining_heads(model, "smollm2")`` finds them.
+(planted needles, copied spans and continuations; 20 minutes on 2 shared cores), held-out recall of the true
+top-10% CIS positions against random and most-recent baselines, heads saved where
+``lcm.io.retaining.load_retaining_heads(model, "smollm2")`` finds them.
 ``:smoke`` is a 20-step, 512-token check.
 Run: ``lcm run configs/locret_smollm2.py`` (``--config.steps=900`` for longer).
 """

@@ -9,6 +9,8 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg not in (None, "", "gpu", "cpu"):
+        raise ValueError(f"unknown rope_16k variant {arg!r}; choose one of ['cpu', 'gpu']")
     cfg = ml_collections.ConfigDict()
     cfg.job = "long_context_suite"  # a name in lcm.cli.JOBS
     cfg.model = "smollm2"  # registered name, GGUF file or HF folder

@@ -116,3 +116,26 @@ def test_real_model_lines_json(capsys: pytest.CaptureFixture[str], smollm2_gguf:
             first = re.search(r"-?\d+", row["output"])
             assert row["score"] == float(first is not None and first.group() == row["references"][0])
         assert payload["accuracy"][str(n)] == sum(r["score"] for r in rows) / 2
+
+
+def _config_variants() -> list[str]:
+    """Every config file with each variant it names in its own "choose one of [...]" error."""
+    import re
+
+    specs = []
+    for path in sorted((REPO / "configs").glob("*.py")):
+        with pytest.raises(ValueError, match=r"choose one of \[") as err:  # a bad variant is never ignored
+            load_config(f"{path}:no-such-variant")
+        names = re.search(r"choose one of \[(.*)\]", str(err.value)).group(1)
+        specs += [f"{path}:{n.strip().strip(chr(39))}" for n in names.split(",") if n.strip()] or [str(path)]
+    return specs
+
+
+@pytest.mark.parametrize("spec", _config_variants(), ids=lambda s: Path(s).name)
+def test_every_config_variant_loads_and_names_a_job(spec: str) -> None:
+    from lcm.evals.grid import spec_from_config
+
+    cfg = load_config(spec)
+    assert cfg.job in cli._jobs()
+    if cfg.job == "eval_grid":
+        spec_from_config(cfg)  # validates tasks, policies, budgets and lengths without loading a model
