@@ -53,9 +53,9 @@ Choices and deviations, and why:
   step of the heads ~1 s, so by default the features and labels of ``samples`` samples (48 in the config) are
   computed first (stored in bfloat16: 118 MB per 2k sample for SmolLM2-135M) and the heads then train ``steps``
   steps over them in shuffled epochs: 450 steps in ~15 minutes instead of over an hour. With ``samples >= steps``
-  every step takes a
-  fresh sample through :func:`make_fused_train_step` (forward under ``stop_gradient`` + update, one program, no
-  stored features): the official regime, which recomputes the forward at every step (``train.py:181``).
+  every step takes a fresh sample through :func:`make_fused_train_step` (forward under ``stop_gradient`` +
+  update, one program, no stored features): the official regime, which recomputes the forward at every step
+  (``train.py:181``).
 - **Labels from one forward without a cache** instead of chunked prefill (``data_gen.py:121``): the same numbers
   up to float round-off, since the official data generation evicts nothing. Attention is the model's own
   :func:`lcm.ops.attention.chunked_attention` (what ``Llama`` calls; 1.5x faster than the dense reference here).
