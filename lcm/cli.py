@@ -123,7 +123,8 @@ def cmd_passkey(args: argparse.Namespace) -> None:
 
 
 def cmd_lines(args: argparse.Namespace) -> None:
-    from lcm.evals import giraffe, tasks
+    from lcm.evals import giraffe
+    from lcm.evals.grid import Scored, run_samples
 
     if bool(args.lengths) == bool(args.num_lines):
         raise BadInput("give exactly one of --lengths (tokens, lines fitted) and --num-lines (lines, as Giraffe)")
@@ -139,7 +140,7 @@ def cmd_lines(args: argparse.Namespace) -> None:
         }
     unit = "tokens" if args.lengths else "lines"
 
-    def show(s: tasks.Scored) -> None:
+    def show(s: Scored) -> None:
         meta = s.sample.meta
         where = f"line {meta['line_index'] + 1}/{meta['num_lines']}, {len(s.sample.ids)} tokens"
         verdict = "ok" if s.score == 1.0 else "MISS"
@@ -147,7 +148,7 @@ def cmd_lines(args: argparse.Namespace) -> None:
 
     accuracy, outputs = {}, []
     for n, samples in cells.items():
-        scored = tasks.run_samples(engine, tokenizer, samples, progress=show)
+        scored = run_samples(engine, tokenizer, samples, progress=show)
         accuracy[str(n)] = sum(s.score for s in scored) / len(scored)
         outputs += [s.sample.to_dict() | {"output": s.output, "score": s.score} for s in scored]
     payload = {

@@ -17,10 +17,11 @@ import collections
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from lcm.evals import longbench
@@ -230,6 +231,30 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
     from lcm.evals.report import report  # the report reads results.jsonl; it imports this module
 
     return report(out, log=log)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """One sample's greedy continuation (decoded, cut at ``max_new_tokens``) and its score under the metric."""
+
+    sample: Sample
+    output: str
+    score: float
+
+
+def run_samples(
+    engine: Any, tokenizer: Any, samples: Sequence[Sample], progress: Callable[[Scored], None] | None = None
+) -> list[Scored]:
+    """Generate and score ``samples`` one at a time (the shape every KV policy takes: no padding, batch 1), scored
+    as :func:`run_grid` scores them; ``engine`` is an :class:`lcm.generate.Engine`. The grid batches and resumes."""
+    scored = []
+    for sample in samples:
+        out = engine.generate(np.array([sample.ids]), sample.max_new_tokens, stop_ids=list(tokenizer.eos_ids))[0]
+        text = tokenizer.decode(out[: sample.max_new_tokens].tolist())
+        scored.append(Scored(sample, text, longbench.score_sample(sample, text)))
+        if progress is not None:
+            progress(scored[-1])
+    return scored
 
 
 def _result_row(

@@ -21,8 +21,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lcm.evals import metrics
-
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
@@ -122,29 +120,3 @@ def fit_to_length(
                 f"length={length} asked for"
             )
     return best, best_ids
-
-
-@dataclasses.dataclass(frozen=True)
-class Scored:
-    """One sample's greedy continuation (decoded, cut at ``max_new_tokens``) and its score under the metric."""
-
-    sample: Sample
-    output: str
-    score: float
-
-
-def run_samples(
-    engine: Any, tokenizer: Any, samples: Sequence[Sample], progress: Callable[[Scored], None] | None = None
-) -> list[Scored]:
-    """Generate and score ``samples`` one at a time (the shape every KV policy takes: no padding, batch 1).
-
-    ``engine`` is an :class:`lcm.generate.Engine`; the grid (:mod:`lcm.evals.grid`) batches instead and resumes.
-    """
-    scored = []
-    for sample in samples:
-        out = engine.generate(np.array([sample.ids]), sample.max_new_tokens, stop_ids=list(tokenizer.eos_ids))[0]
-        text = tokenizer.decode(out[: sample.max_new_tokens].tolist())
-        scored.append(Scored(sample, text, metrics.score(sample.metric, text, sample.references)))
-        if progress is not None:
-            progress(scored[-1])
-    return scored
