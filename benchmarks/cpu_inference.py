@@ -1,9 +1,11 @@
 """CPU inference benchmark: lcm against ``transformers`` on the real SmolLM2 GGUF, float32, same machine, same run.
 
     python benchmarks/cpu_inference.py [--lengths 1024,2048,4096,8192,16384] [--decode-lengths 2048,8192,16384]
-        [--decode-steps 32] [--engines lcm,transformers] [--out BENCHMARKS.md] [--json FILE]
+        [--decode-steps 32] [--engines lcm,lcm-xla,transformers] [--out BENCHMARKS.md] [--json FILE]
     lcm bench cpu-inference [same options]
 
+Engines: ``lcm`` (the model's default attention, ``"auto"``: the CPU FFI kernel for prefill chunks, the XLA path
+for decode steps), ``lcm-xla`` (the XLA path everywhere, as before the kernel) and ``transformers``.
 Every (engine, length) cell runs in its own subprocess, one at a time, so peak RSS is that cell's alone and no
 engine's threads or caches disturb another's. A cell loads the model, resets the kernel's peak-RSS counter
 (``/proc/self/clear_refs``), then:
@@ -108,7 +110,9 @@ def matmul_peak() -> dict[str, float]:
     return {k: flops / v / 1e9 for k, v in best.items() if v < float("inf")}
 
 
-def _cell_lcm(length: int, decode_steps: int) -> dict[str, Any]:
+def _cell_lcm(length: int, decode_steps: int, attention: str = "auto") -> dict[str, Any]:
+    import dataclasses
+
     import jax.numpy as jnp
     import numpy as np
 
@@ -117,6 +121,7 @@ def _cell_lcm(length: int, decode_steps: int) -> dict[str, Any]:
     from lcm.io.compile_cache import CompileStats
 
     model, tokenizer = load_model(MODEL, progress=False)
+    model.config = dataclasses.replace(model.config, attention_implementation=attention)
     tokens = np.asarray([prompt_tokens(tokenizer, length)], np.int32)
     engine = Engine(model)
     gc.collect()
@@ -187,7 +192,11 @@ def _cell_transformers(length: int, decode_steps: int) -> dict[str, Any]:
     return result
 
 
-CELLS = {"lcm": _cell_lcm, "transformers": _cell_transformers}
+def _cell_lcm_xla(length: int, decode_steps: int) -> dict[str, Any]:
+    return _cell_lcm(length, decode_steps, attention="xla")
+
+
+CELLS = {"lcm": _cell_lcm, "lcm-xla": _cell_lcm_xla, "transformers": _cell_transformers}
 
 
 def run_cell(engine: str, length: int, decode_steps: int) -> dict[str, Any]:
@@ -263,11 +272,12 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| tokens | lcm prefill s | transformers prefill s | lcm / transformers | lcm GFLOP/s (% of XLA peak) "
         "| transformers GFLOP/s | lcm compile s | lcm decode ms/tok | transformers decode ms/tok | decode ratio "
-        "| lcm peak RSS GiB | transformers peak RSS GiB | same greedy tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| lcm peak RSS GiB | transformers peak RSS GiB | same greedy tokens "
+        "| lcm-xla prefill s | lcm-xla / transformers | lcm-xla decode ms/tok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
-        lcm, hf = row.get("lcm", {}), row.get("transformers", {})
+        lcm, hf, xla = row.get("lcm", {}), row.get("transformers", {}), row.get("lcm-xla", {})
         rate = {name: row["flops"] / cell["prefill_s"] / 1e9 for name, cell in (("lcm", lcm), ("hf", hf)) if cell}
         lcm_rate = f"{rate['lcm']:.0f} ({100 * rate['lcm'] / peak['xla']:.0f}%)" if "lcm" in rate else "—"
         hf_rate = f"{rate['hf']:.0f}" if "hf" in rate else "—"
@@ -285,6 +295,9 @@ def markdown(report: dict[str, Any]) -> str:
             _fmt(lcm, "peak_rss_gib", ".2f"),
             _fmt(hf, "peak_rss_gib", ".2f"),
             _agreeing_tokens(lcm, hf),
+            _fmt(xla, "prefill_s", ".2f"),
+            _ratio(xla, hf, "prefill_s"),
+            _fmt(xla, "decode_ms", ".0f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,13 +1,14 @@
 """Where a CPU prefill spends its time: one decoder layer of SmolLM2-135M, op by op, in lcm (XLA) and in torch.
 
-    python benchmarks/prefill_breakdown.py [--lengths 2048,8192] [--tiles 256/256,256/512,512/512] [--chunk 512]
+    python benchmarks/prefill_breakdown.py [--lengths 2048,8192] [--tiles 256/256,256/512] [--cpu-tiles 64/64]
     lcm bench prefill-breakdown [same options]
 
 For each length ``L`` it times, best of 3, the pieces of one layer over a whole ``L``-token prefill, with random
 float32 weights of SmolLM2's shapes:
 
 - attention: lcm's ``chunked_attention`` called as the Engine calls it (chunks of ``--chunk`` queries against a
-  heads-major cache of capacity ``L``), for every ``q_block/kv_block`` tile in ``--tiles``; torch's
+  heads-major cache of capacity ``L``), for every ``q_block/kv_block`` tile in ``--tiles``; the CPU FFI kernel
+  (:mod:`lcm.kernels.attention.cpu`) called the same way, for every tile in ``--cpu-tiles``; torch's
   ``scaled_dot_product_attention`` (causal, GQA) over the full sequence, as transformers runs it;
 - projections: q, k, v and o as matmuls over all ``L`` tokens (XLA ``jnp.dot``, torch ``F.linear``);
 - MLP: gate, up, SiLU-gated product and down;
@@ -41,10 +42,13 @@ def _best(fn: Callable[[], Any], repeats: int = 3) -> float:
     return best
 
 
-def lcm_ops(length: int, chunk: int, tiles: list[tuple[int, int]]) -> dict[str, float]:
+def lcm_ops(
+    length: int, chunk: int, tiles: list[tuple[int, int]], cpu_tiles: list[tuple[int, int]]
+) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
+    from lcm.kernels.attention import api
     from lcm.ops.attention import chunked_attention
     from lcm.ops.rope import apply_rope, rope_frequencies
 
@@ -81,7 +85,30 @@ def lcm_ops(length: int, chunk: int, tiles: list[tuple[int, int]]) -> dict[str, 
             outs = [attend(q[:, s : s + chunk], jnp.int32(s)) for s in range(0, length, chunk)]
             jax.block_until_ready(outs)
 
-        out[f"attention q{q_block}/kv{kv_block}"] = _best(run_attention)
+        out[f"attention XLA q{q_block}/kv{kv_block}"] = _best(run_attention)
+
+    for q_block, kv_block in cpu_tiles:
+
+        @jax.jit
+        def kernel(q_chunk: jax.Array, offset: jax.Array, q_block: int = q_block, kv_block: int = kv_block) -> Any:
+            return api.attention(
+                q_chunk,
+                cache_k[None],
+                cache_v[None],
+                q_offset=offset,
+                kv_length=offset + chunk,
+                heads_first=True,
+                layer=0,
+                cpu_q_block=q_block,
+                cpu_kv_block=kv_block,
+                implementation="cpu",
+            )
+
+        def run_kernel(kernel: Callable[..., Any] = kernel) -> None:
+            outs = [kernel(q[:, s : s + chunk], jnp.int32(s)) for s in range(0, length, chunk)]
+            jax.block_until_ready(outs)
+
+        out[f"attention CPU kernel q{q_block}/kv{kv_block}"] = _best(run_kernel)
 
     projections = jax.jit(lambda x, a: (x @ wq, x @ wk, x @ wv, a @ wo))
     out["q/k/v/o projections"] = _best(lambda: jax.block_until_ready(projections(x, attn_out)))
@@ -154,18 +181,26 @@ def table(length: int, lcm: dict[str, float], hf: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lcm bench prefill-breakdown", description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="2048,8192")
-    parser.add_argument("--tiles", default="256/256,256/512,512/512,128/512,256/1024")
+    parser.add_argument("--tiles", default="256/256,256/512", help="XLA path's q_block/kv_block tiles")
+    parser.add_argument("--cpu-tiles", default="64/64,32/128,64/128", help="CPU kernel's tiles ('' for none)")
     parser.add_argument("--chunk", type=int, default=512)
     args = parser.parse_args(argv)
+
+    def pairs(text: str) -> list[tuple[int, int]]:
+        return [tuple(int(n) for n in t.split("/")) for t in text.split(",") if t]  # type: ignore[misc]
+
     try:
         lengths = [int(s) for s in args.lengths.split(",")]
-        tiles = [tuple(int(n) for n in t.split("/")) for t in args.tiles.split(",")]
+        tiles, cpu_tiles = pairs(args.tiles), pairs(args.cpu_tiles)
     except ValueError:
-        parser.error(f"--lengths takes integers and --tiles Q/KV pairs, got {args.lengths!r} and {args.tiles!r}")
+        parser.error(
+            f"--lengths takes integers, --tiles/--cpu-tiles Q/KV pairs; got {args.lengths!r}, {args.tiles!r}, "
+            f"{args.cpu_tiles!r}"
+        )
     for length in lengths:
         if length % args.chunk:
             parser.error(f"length {length} is not a multiple of --chunk={args.chunk}")
-        lcm = lcm_ops(length, args.chunk, tiles)
+        lcm = lcm_ops(length, args.chunk, tiles, cpu_tiles)
         hf = torch_ops(length)
         print(table(length, lcm, hf) + "\n", flush=True)
     return 0

@@ -53,6 +53,7 @@ def test_markdown_reports_ratios_rates_and_token_agreement() -> None:
                     "first_token": 7,
                     "decode_tokens": [7, 8, 1, 10],
                 },
+                "lcm-xla": {"prefill_s": 8.0, "decode_ms": 41.0},
             },
             {"length": 4096, "flops": 1e12, "lcm": {"prefill_s": 20.0, "first_token": 3}},
         ],
@@ -63,6 +64,7 @@ def test_markdown_reports_ratios_rates_and_token_agreement() -> None:
     assert cells[1:4] == ["5.00", "10.00", "0.50"]
     assert cells[4] == "100 (100%)" and cells[5] == "50"  # 500 GFLOP in 5 s against a 100 GFLOP/s peak
     assert cells[9] == "0.80" and cells[12] == "2/4"  # decode ratio; tokens agree until the third
+    assert cells[13:16] == ["8.00", "0.80", "41"]  # the XLA-attention engine beside them
     assert "| 4096 | 20.00 | — | — |" in text
 
 

@@ -16,9 +16,9 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from lcm.cache.kv import write_layer
+from lcm.kernels.attention import api as attention_api
 from lcm.kernels.token_select import api as token_select_api
 from lcm.ops import rope as rope_ops
-from lcm.ops.attention import chunked_attention
 from lcm.ops.kv_scores import attention_mass
 from lcm.ops.token_select import SelectionCache, TokenSelectRule
 
@@ -31,6 +31,7 @@ class LayerSettings:
     q_block: int
     kv_block: int
     keys_pre_rope: bool
+    implementation: tuple[str, ...] = ("xla",)  # lcm.kernels.attention.api names, tried in order
     select: TokenSelectRule | None = None  # TokenSelect: attend to the selected entries once the cache is larger
     retain: bool = False  # Locret: write each block's retaining-head scores of the new entries into the scores
 
@@ -83,7 +84,7 @@ def decoder_layer(
 
     def full_attention() -> jax.Array:
         layer_keys, layer_values, read_layer = readable()
-        return chunked_attention(
+        return attention_api.attention(
             q,
             layer_keys,
             layer_values,
@@ -96,6 +97,7 @@ def decoder_layer(
             kv_block=settings.kv_block,
             heads_first=True,
             layer=read_layer,
+            implementation=settings.implementation,
         )
 
     rule = settings.select

@@ -23,6 +23,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from lcm.cache.kv import KVCache, init_cache
+from lcm.kernels.attention import api as attention_api
 from lcm.models.decoder_layer import LayerSettings, decoder_layer
 from lcm.ops import rope as rope_ops
 
@@ -57,6 +58,8 @@ class LlamaConfig:
     attention_kv_block: int = 512  # keys per attention tile; fully masked tiles are skipped (BENCHMARKS.md)
     # keys per tile for single-token decode steps: few query rows, so bigger tiles amortise the loop (BENCHMARKS.md)
     attention_decode_kv_block: int = 2048
+    # lcm.kernels.attention.api names tried in order: "auto" (= "cpu,xla": the CPU kernel where it applies) or "xla"
+    attention_implementation: str = "auto"
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -84,6 +87,11 @@ class LlamaConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {sorted(_DTYPES)}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
+        if attention_api.resolve(self.attention_implementation)[-1] != "xla":
+            raise ValueError(
+                f"attention_implementation={self.attention_implementation!r} must end with 'xla', the path that "
+                "takes every call (decode steps, document masks, bfloat16); e.g. 'cpu,xla' or 'auto'"
+            )
         frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.rope_params).items()}
         object.__setattr__(self, "rope_params", tuple(sorted(frozen.items())))
         rope_ops.validate_rope_params(self.rope_variant, dict(self.rope_params), self.head_dim)
@@ -257,6 +265,7 @@ class Llama(nnx.Module):
             q_block=cfg.attention_q_block,
             kv_block=cfg.attention_kv_block if seq > 1 else cfg.attention_decode_kv_block,
             keys_pre_rope=cache.keys_pre_rope,
+            implementation=attention_api.resolve(cfg.attention_implementation),
             select=cache.select,
             retain=retain_scores,
         )
