@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lcm.kernels.attention import api, cpu
 from lcm.ops.attention import reference_attention
@@ -174,3 +176,22 @@ def test_bad_implementation_name_in_config() -> None:
         LlamaConfig(attention_implementation="gpu")
     with pytest.raises(ValueError, match="attention_implementation='cpu' must end with 'xla'"):
         LlamaConfig(attention_implementation="cpu")
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(16, 70), st.sampled_from([(2, 1), (6, 2), (4, 4)])),
+    cache=st.tuples(st.integers(0, 60), st.integers(1, 140)),
+    mask=st.tuples(st.one_of(st.none(), st.integers(1, 50)), st.integers(0, 12)),
+    tiles=st.tuples(st.integers(1, 70), st.sampled_from([16, 32, 48])),
+)
+def test_cpu_kernel_matches_reference_hypothesis(shape, cache, mask, tiles) -> None:
+    """Forward only, any query count, offset, filled length, window, sinks and tile sizes."""
+    _require("cpu")
+    (batch, t, (h, kh)), (q_offset, extra), (window, sinks), (q_block, kv_block) = shape, cache, mask, tiles
+    s = q_offset + t + extra // 2
+    kv_length = min(q_offset + t, s) if extra % 2 else s  # the chunk's end, or the whole buffer
+    q, k, v = _qkv(7, batch, t, s, h, kh, 16)
+    kwargs = {"q_offset": q_offset, "kv_length": kv_length, "window": window, "sinks": sinks}
+    got = api.attention(q, k, v, **kwargs, cpu_q_block=q_block, cpu_kv_block=kv_block, implementation="cpu")
+    np.testing.assert_allclose(got, reference_attention(q, k, v, **kwargs), **F32_TOL)

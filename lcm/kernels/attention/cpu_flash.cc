@@ -144,15 +144,16 @@ void pv_tile(const float* p, const float* v, float* o, int64_t rows, int64_t kb,
 inline int64_t padded_rows(int64_t rows) { return (rows + kRows - 1) / kRows * kRows; }
 
 struct Scratch {
-  std::vector<float> q, kt, s, o, m, l;
+  std::vector<float> q, kt, s, o, m, l, block_max, sub, correction;
   Scratch(const Problem& p) {
     const int64_t rows = padded_rows(p.q_tile * p.group);
     q.resize(rows * p.dim);
     kt.resize(p.dim * p.kv_block);
     s.resize(rows * p.kv_block);
     o.resize(rows * p.dim);
-    m.resize(rows);
-    l.resize(rows);
+    // per-row statistics are read 8 rows at a time: padded to a multiple of 8
+    const int64_t rows8 = (rows + 7) / 8 * 8;
+    for (auto* v : {&m, &l, &block_max, &sub, &correction}) v->resize(rows8);
   }
 };
 
@@ -176,11 +177,6 @@ inline void transpose8x8(const float* src, int64_t ld_src, float* dst, int64_t l
   }
 }
 
-inline bool visible(const Problem& p, int64_t qs, int64_t ks) {
-  if (ks > qs || ks >= p.kv_length) return false;
-  return p.window < 0 || qs - ks < p.window || ks < p.sinks;
-}
-
 // One (batch row, KV head, query tile): rows r = t * group + g for query t of the tile and head kv * group + g.
 void run_tile(const Problem& p, Scratch& w, int64_t b, int64_t kv, int64_t tile) {
   const int64_t t0 = tile * p.q_tile, nt = std::min(p.q_tile, p.q_len - t0);
@@ -196,6 +192,7 @@ void run_tile(const Problem& p, Scratch& w, int64_t b, int64_t kv, int64_t tile)
   std::fill(w.o.begin(), w.o.end(), 0.0f);
   std::fill(w.m.begin(), w.m.end(), -INFINITY);
   std::fill(w.l.begin(), w.l.end(), 0.0f);
+  std::fill(w.block_max.begin(), w.block_max.end(), -INFINITY);
 
   const int64_t first_q = p.q_offset + t0, last_q = first_q + nt - 1;
   const int64_t end = std::min({last_q + 1, p.kv_length, p.cap});  // keys [0, end) may be visible
@@ -216,40 +213,56 @@ void run_tile(const Problem& p, Scratch& w, int64_t b, int64_t kv, int64_t tile)
     for (int64_t d = 0; d < dim; ++d)
       for (int64_t s = whole; s < kb; ++s) w.kt[d * kb + s] = s < n ? kbase[(start + s) * dim + d] : 0.0f;
     scores_tile(w.q.data(), w.kt.data(), w.s.data(), rows, kb, dim);
+    // mask: row r (query slot qs) sees block keys [0, hi) and, with a window, not [sinks, lo) (block-relative)
     for (int64_t r = 0; r < rows; ++r) {
       float* srow = w.s.data() + r * kb;
       if (r >= used) {
-        std::memset(srow, 0, kb * sizeof(float));
+        std::fill(srow, srow + kb, -INFINITY);
         continue;
       }
-      if (!all_visible) {
-        const int64_t qs = first_q + r / p.group;
-        for (int64_t s = 0; s < kb; ++s)
-          if (s >= n || !visible(p, qs, start + s)) srow[s] = -INFINITY;
+      if (all_visible) continue;
+      const int64_t qs = first_q + r / p.group;
+      const int64_t hi = std::clamp<int64_t>(std::min(qs + 1, p.kv_length) - start, 0, kb);
+      std::fill(srow + std::min(hi, n), srow + kb, -INFINITY);
+      if (p.window >= 0) {
+        const int64_t lo = std::clamp<int64_t>(qs - p.window + 1 - start, 0, kb);
+        const int64_t sink_end = std::clamp<int64_t>(p.sinks - start, 0, kb);
+        if (sink_end < lo) std::fill(srow + sink_end, srow + lo, -INFINITY);
       }
+    }
+    // online softmax (Dao et al. 2022): new row maxima, then rescale factors for all rows at once, then
+    // exp and row sums in one sweep per row while the tile is in cache
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* srow = w.s.data() + r * kb;
       f8 mx = splat8(-INFINITY);
-      for (int64_t s = 0; s < kb; s += 8) {
-        const f8 x = load8(srow + s);
-        mx = _mm256_max_ps(x, mx);
-      }
-      const float new_max = std::max(w.m[r], hmax8(mx));
-      if (new_max == -INFINITY) {  // nothing visible to this row yet
-        std::memset(srow, 0, kb * sizeof(float));
-        continue;
-      }
-      const f8 nm = splat8(new_max);
+      for (int64_t s = 0; s < kb; s += 8) mx = _mm256_max_ps(load8(srow + s), mx);
+      w.block_max[r] = hmax8(mx);
+    }
+    const f8 neg_inf = splat8(-INFINITY);
+    for (int64_t r = 0; r < rows; r += 8) {
+      const f8 old = load8(w.m.data() + r);
+      const f8 nm = _mm256_max_ps(old, load8(w.block_max.data() + r));
+      // a row that has seen no key yet keeps max -inf: subtracting 0 instead gives exp(-inf) = 0, not NaN
+      const f8 sub = _mm256_blendv_ps(nm, _mm256_setzero_ps(), _mm256_cmp_ps(nm, neg_inf, _CMP_EQ_OQ));
+      store8(w.m.data() + r, nm);
+      store8(w.sub.data() + r, sub);
+      store8(w.correction.data() + r, exp8(_mm256_sub_ps(old, sub)));
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* srow = w.s.data() + r * kb;
+      const f8 sub = splat8(w.sub[r]);
       f8 sum = _mm256_setzero_ps();
       for (int64_t s = 0; s < kb; s += 8) {
-        const f8 e = exp8(load8(srow + s) - nm);
+        const f8 e = exp8(_mm256_sub_ps(load8(srow + s), sub));
         store8(srow + s, e);
         sum = _mm256_add_ps(sum, e);
       }
-      const float correction = w.m[r] == -INFINITY ? 0.0f : std::exp(w.m[r] - new_max);
+      const float correction = w.correction[r];
       w.l[r] = w.l[r] * correction + hsum8(sum);
-      w.m[r] = new_max;
       if (correction != 1.0f) {
         float* orow = w.o.data() + r * dim;
-        for (int64_t d = 0; d < dim; ++d) orow[d] *= correction;
+        const f8 c = splat8(correction);
+        for (int64_t d = 0; d < dim; d += 8) store8(orow + d, _mm256_mul_ps(load8(orow + d), c));
       }
     }
     const float* vblk = vbase + start * dim;
