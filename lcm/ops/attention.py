@@ -30,7 +30,7 @@ from lcm.ops.masks import check_segments, key_blocks_to_visit, visibility_mask
 
 _NEG_INF = -1e30  # finite, so rows with no visible key (padding) give zeros rather than NaN
 
-__all__ = ["chunked_attention", "key_blocks_to_visit", "reference_attention", "visibility_mask"]
+__all__ = ["chunked_attention", "key_blocks_to_visit", "reference_attention", "stacked_cache", "visibility_mask"]
 
 
 def _per_head(mask: jax.Array) -> jax.Array:
@@ -303,6 +303,29 @@ def _add_key_block(
 _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
 
 
+def stacked_cache(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, heads_first: bool, layer: jax.Array | int | None, sinks: int
+) -> tuple[jax.Array, jax.Array, jax.Array | int]:
+    """Keys and values as the stacked heads-first cache ``[L, B, K, S, D]`` and the layer to read, after the
+    argument checks every attention implementation shares (GQA divisibility, shapes, ``sinks >= 0``)."""
+    if layer is None:
+        if not heads_first:
+            k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+        k, v, layer = k[None], v[None], 0
+    elif not heads_first or k.ndim != 5:
+        raise ValueError(f"layer={layer} needs heads_first=True and a stacked [L, B, K, S, D] cache, got k {k.shape}")
+    batch, _, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if k.shape != v.shape or k.shape[1] != batch or k.shape[4] != head_dim:
+        layout = "[B, K, S, D]" if heads_first else "[B, S, K, D]"
+        raise ValueError(f"incompatible shapes q={q.shape} k={k.shape} v={v.shape} (k and v as {layout})")
+    if sinks < 0:
+        raise ValueError(f"sinks={sinks} must be >= 0")
+    return k, v, layer
+
+
 def chunked_attention(
     q: Float[Array, "B T H D"],
     k: Float[Array, "B S K D"],
@@ -338,21 +361,9 @@ def chunked_attention(
     ``k`` and ``v``), which a decode step over a long cache cannot afford. ``layer=l`` (heads-first only) takes
     ``k``/``v`` as the whole stacked cache ``[L, B, K, S, D]`` and reads layer ``l`` of it where it lies.
     """
-    if layer is None:
-        if not heads_first:
-            k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
-        k, v, layer = k[None], v[None], 0
-    elif not heads_first or k.ndim != 5:
-        raise ValueError(f"layer={layer} needs heads_first=True and a stacked [L, B, K, S, D] cache, got k {k.shape}")
+    k, v, layer = stacked_cache(q, k, v, heads_first=heads_first, layer=layer, sinks=sinks)
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads, cap = k.shape[2], k.shape[3]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    if k.shape != v.shape or k.shape[1] != batch or k.shape[4] != head_dim:
-        layout = "[B, K, S, D]" if heads_first else "[B, S, K, D]"
-        raise ValueError(f"incompatible shapes q={q.shape} k={k.shape} v={v.shape} (k and v as {layout})")
-    if sinks < 0:
-        raise ValueError(f"sinks={sinks} must be >= 0")
     check_segments(q_segments, k_segments, q_len, cap, batch)
     group = num_heads // num_kv_heads
     kv_length = jnp.asarray(cap if kv_length is None else kv_length, jnp.int32)

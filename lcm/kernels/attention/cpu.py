@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from lcm.ops.attention import chunked_attention
+from lcm.ops.attention import chunked_attention, stacked_cache
 
 SOURCE = Path(__file__).with_name("cpu_flash.cc")
 TARGET = "lcm_cpu_flash_attention"
@@ -176,7 +176,7 @@ def cpu_flash_attention(
     kernel. ``q_block``/``kv_block`` are the XLA path's tiles, used only by the backward; the kernel tiles with
     ``cpu_q_block`` queries x ``cpu_kv_block`` keys. Raises ``NotImplementedError`` where the module docstring
     says it declines."""
-    batch, q_len, num_heads, head_dim = q.shape
+    q_len, head_dim = q.shape[1], q.shape[3]
     if q_segments is not None or k_segments is not None:
         raise NotImplementedError("the CPU kernel has no document masks")
     if q.dtype != jnp.float32 or k.dtype != jnp.float32 or v.dtype != jnp.float32:
@@ -187,19 +187,8 @@ def cpu_flash_attention(
         raise ValueError(f"cpu_kv_block={cpu_kv_block} must be a multiple of 16 and cpu_q_block={cpu_q_block} >= 1")
     if not available():
         raise NotImplementedError("the CPU kernel is not available here (see the warning)")
-    if layer is None:
-        if not heads_first:
-            k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
-        k, v, layer = k[None], v[None], 0
-    elif not heads_first or k.ndim != 5:
-        raise ValueError(f"layer={layer} needs heads_first=True and a stacked [L, B, K, S, D] cache, got k {k.shape}")
-    num_kv_heads, cap = k.shape[2], k.shape[3]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    if k.shape != v.shape or k.shape[1] != batch or k.shape[4] != head_dim:
-        raise ValueError(f"incompatible shapes q={q.shape} k={k.shape} v={v.shape}")
-    if sinks < 0:
-        raise ValueError(f"sinks={sinks} must be >= 0")
+    k, v, layer = stacked_cache(q, k, v, heads_first=heads_first, layer=layer, sinks=sinks)
+    cap = k.shape[3]
     kv_length = jnp.asarray(cap if kv_length is None else kv_length, jnp.int32)
     scale = head_dim**-0.5 if scale is None else float(scale)
     xla_kwargs = (("q_block", q_block), ("kv_block", kv_block))
