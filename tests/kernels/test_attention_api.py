@@ -82,9 +82,27 @@ def _with_grads(implementation: str, window: int | None, sinks: int, q_block: in
     return jax.jit(run)
 
 
+# gradients: the CPU kernel's VJP is the XLA backward, tested in full in tests/ops/test_attention.py; here a few
+# cases check that the custom VJP is wired to the right arguments (compiling each backward costs seconds)
+GRAD_CASES = ("gqa3_empty_tail_small_tiles", "sinks_window_gap", "smollm2_shapes_chunk")
+
+
 @pytest.mark.parametrize("implementation", sorted(api.IMPLEMENTATIONS))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_implementation_matches_reference_with_gradients(implementation: str, case: str) -> None:
+def test_implementation_matches_reference(implementation: str, case: str) -> None:
+    _require(implementation)
+    batch, t, s, h, kh, d, q_offset, kv_length, window, sinks, q_block, kv_block = CASES[case]
+    q, k, v = _qkv(0, batch, t, s, h, kh, d)
+    kwargs = {"q_offset": q_offset, "kv_length": kv_length, "window": window, "sinks": sinks}
+    tiles = {"cpu_q_block": q_block, "cpu_kv_block": kv_block, "q_block": 8, "kv_block": 16}
+    got = api.attention(q, k, v, **kwargs, **tiles, implementation=implementation)
+    want = reference_attention(q, k, v, **kwargs)
+    np.testing.assert_allclose(got, want, **F32_TOL, err_msg=f"{implementation} {case}")
+
+
+@pytest.mark.parametrize("implementation", sorted(api.IMPLEMENTATIONS))
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_implementation_gradients_match_reference(implementation: str, case: str) -> None:
     _require(implementation)
     batch, t, s, h, kh, d, q_offset, kv_length, window, sinks, q_block, kv_block = CASES[case]
     q, k, v = _qkv(0, batch, t, s, h, kh, d)
@@ -178,7 +196,7 @@ def test_bad_implementation_name_in_config() -> None:
         LlamaConfig(attention_implementation="cpu")
 
 
-@settings(max_examples=15, deadline=None, derandomize=True)
+@settings(max_examples=8, deadline=None, derandomize=True)
 @given(
     shape=st.tuples(st.integers(1, 2), st.integers(16, 70), st.sampled_from([(2, 1), (6, 2), (4, 4)])),
     cache=st.tuples(st.integers(0, 60), st.integers(1, 140)),

@@ -10,7 +10,7 @@
 // window, q - s < window or s < sinks. A row that sees no key gets zeros.
 //
 // Layouts (float32): q [B, T, H, D], k and v the stacked heads-first cache [L, B, K, S, D] read at `layer`,
-// out [B, T, H, D]. AVX2 + FMA intrinsics (AVX2 + FMA); built with -march=native on first use.
+// out [B, T, H, D]. AVX2 + FMA intrinsics; built with -march=native on first use.
 
 #include <algorithm>
 #include <atomic>
