@@ -46,8 +46,8 @@ def decoder_layer(
     values: Float[Array, "L B K S hd"],
     layer: Int[Array, ""],
     start: Int[Array, ""],
-    positions: Int[Array, "B T"],
-    cache_positions: Int[Array, "B S"],
+    rotation: tuple[Float[Array, "B T R"], Float[Array, "B T R"]],
+    cache_rotation: tuple[Float[Array, "B S R"], Float[Array, "B S R"]] | None,
     inv_freq: Float[Array, " F"],
     attention_factor: float | jax.Array,
     q_segments: Int[Array, "B T"] | None = None,
@@ -67,11 +67,15 @@ def decoder_layer(
     ``select.budget`` entries and to TokenSelect's selection beyond (a ``lax.cond``: one branch runs), updating
     its slice of the stacked ``selection`` cache; ``num_valid`` counts the chunk's real tokens. With
     ``settings.retain`` (Locret) the block's retaining head scores the new entries into ``scores``.
+
+    ``rotation`` is the cos/sin of the new tokens' positions (:func:`lcm.ops.rope.rope_cos_sin`) and
+    ``cache_rotation`` that of every cache slot's position (only when keys are stored pre-RoPE): the model
+    computes both once per forward for all its layers.
     """
     block = nnx.merge(graphdef, params)
     q_pre, k_pre, v = block.attn.project_qkv(block.input_norm(x))
-    q = rope_ops.apply_rope(q_pre, positions, inv_freq, attention_factor)
-    k = k_pre if settings.keys_pre_rope else rope_ops.apply_rope(k_pre, positions, inv_freq, attention_factor)
+    q = rope_ops.rotate(q_pre, *rotation)
+    k = k_pre if settings.keys_pre_rope else rope_ops.rotate(k_pre, *rotation)
     keys, values = write_layer(keys, values, layer, start, k, v)
 
     def readable() -> tuple[jax.Array, jax.Array, jax.Array | int]:
@@ -79,7 +83,7 @@ def decoder_layer(
         would copy it), or a rotated copy of the layer when keys are stored pre-RoPE (a policy may renumber)."""
         if not settings.keys_pre_rope:
             return keys, values, layer
-        rotated = rope_ops.apply_rope(keys[layer].swapaxes(1, 2), cache_positions, inv_freq, attention_factor)
+        rotated = rope_ops.rotate(keys[layer].swapaxes(1, 2), *cache_rotation)
         return rotated.swapaxes(1, 2)[None], values[layer][None], 0
 
     def full_attention() -> jax.Array:

@@ -435,6 +435,44 @@ def _parse_value(spec: str, key: str, text: str) -> Any:
 # --- applying RoPE --------------------------------------------------------------------------------------
 
 
+def rope_cos_sin(
+    positions: Real[Array, "B T"],
+    inv_freq: Float[Array, " F"],
+    attention_factor: float | jax.Array = 1.0,
+) -> tuple[Float[Array, "B T R"], Float[Array, "B T R"]]:
+    """cos and sin of ``positions · inv_freq`` (``R = 2F``, both halves), in float32, times ``attention_factor``,
+    as transformers' ``LlamaRotaryEmbedding`` returns them. :class:`lcm.models.llama.Llama` computes them once
+    per forward for all its layers' :func:`rotate` (see ``llama._materialised`` for why that needs care)."""
+    if inv_freq.ndim != 1:
+        raise ValueError(f"rope_cos_sin: inv_freq must be 1-D, got shape {inv_freq.shape}")
+    angles_BxTxF = positions.astype(jnp.float32)[:, :, None] * inv_freq.astype(jnp.float32)[None, None, :]
+    angles_BxTxR = jnp.concatenate([angles_BxTxF, angles_BxTxF], axis=-1)
+    return jnp.cos(angles_BxTxR) * attention_factor, jnp.sin(angles_BxTxR) * attention_factor
+
+
+def rotate(
+    x: Float[Array, "B T H D"], cos_BxTxR: Float[Array, "B T R"], sin_BxTxR: Float[Array, "B T R"]
+) -> Float[Array, "B T H D"]:
+    """``x·cos + rotate_half(x)·sin`` on the first ``R`` features (HF half-split layout), in float32, cast back
+    to ``x.dtype``; features past ``R`` pass through (partial rotary). cos/sin from :func:`rope_cos_sin`."""
+    batch, length, _, head_dim = x.shape
+    rotary_dim = cos_BxTxR.shape[-1]
+    if cos_BxTxR.shape != (batch, length, rotary_dim) or sin_BxTxR.shape != cos_BxTxR.shape:
+        raise ValueError(
+            f"rotate: cos/sin must have shape (B, T, R) with (B, T) = {(batch, length)}, "
+            f"got {cos_BxTxR.shape} and {sin_BxTxR.shape}"
+        )
+    if rotary_dim > head_dim or rotary_dim % 2:
+        raise ValueError(f"rotate: the rotary dim R = {rotary_dim} must be even and at most D = {head_dim}")
+    x_BxTxHxR = x[..., :rotary_dim].astype(jnp.float32)
+    half = rotary_dim // 2
+    rotated_BxTxHxR = jnp.concatenate([-x_BxTxHxR[..., half:], x_BxTxHxR[..., :half]], axis=-1)
+    out_BxTxHxR = (x_BxTxHxR * cos_BxTxR[:, :, None] + rotated_BxTxHxR * sin_BxTxR[:, :, None]).astype(x.dtype)
+    if rotary_dim == head_dim:
+        return out_BxTxHxR
+    return jnp.concatenate([out_BxTxHxR, x[..., rotary_dim:]], axis=-1)
+
+
 def apply_rope(
     x: Float[Array, "B T H D"],
     positions: Real[Array, "B T"],
@@ -451,22 +489,11 @@ def apply_rope(
     batch, length, _, head_dim = x.shape
     if positions.shape != (batch, length):
         raise ValueError(f"apply_rope: positions must have shape (B, T) = {(batch, length)}, got {positions.shape}")
-    rotary_dim = 2 * inv_freq.shape[-1]
-    if inv_freq.ndim != 1 or rotary_dim > head_dim:
+    if inv_freq.ndim != 1 or 2 * inv_freq.shape[-1] > head_dim:
         raise ValueError(
             f"apply_rope: inv_freq must be 1-D with at most D/2 = {head_dim // 2} entries, got shape {inv_freq.shape}"
         )
-    angles_BxTxF = positions.astype(jnp.float32)[:, :, None] * inv_freq.astype(jnp.float32)[None, None, :]
-    angles_BxTx1xR = jnp.concatenate([angles_BxTxF, angles_BxTxF], axis=-1)[:, :, None, :]
-    cos_BxTx1xR = jnp.cos(angles_BxTx1xR) * attention_factor
-    sin_BxTx1xR = jnp.sin(angles_BxTx1xR) * attention_factor
-    x_BxTxHxR = x[..., :rotary_dim].astype(jnp.float32)
-    half = rotary_dim // 2
-    rotated_BxTxHxR = jnp.concatenate([-x_BxTxHxR[..., half:], x_BxTxHxR[..., :half]], axis=-1)
-    out_BxTxHxR = (x_BxTxHxR * cos_BxTx1xR + rotated_BxTxHxR * sin_BxTx1xR).astype(x.dtype)
-    if rotary_dim == head_dim:
-        return out_BxTxHxR
-    return jnp.concatenate([out_BxTxHxR, x[..., rotary_dim:]], axis=-1)
+    return rotate(x, *rope_cos_sin(positions, inv_freq, attention_factor))
 
 
 def random_positions(key: PRNGKeyArray, length: int, max_position: float) -> Float[Array, " T"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import chex
 import jax
@@ -252,6 +253,21 @@ def test_incremental_decoding_matches_full_forward() -> None:
     chex.assert_trees_all_close(rotated_cache.values, unrotated_cache.values, **F32_SAME_MATH_TOL)
     chex.assert_trees_all_close(rotated_cache.keys[:, :, :, 0], unrotated_cache.keys[:, :, :, 0], **F32_SAME_MATH_TOL)
     assert np.abs(np.asarray(rotated_cache.keys[:, :, :, 1:13] - unrotated_cache.keys[:, :, :, 1:13])).max() > 1e-2
+
+
+@pytest.mark.parametrize("keys_pre_rope", [False, True])
+def test_rope_tables_are_computed_once_per_forward(keys_pre_rope: bool) -> None:
+    """The compiled forward evaluates sin/cos in one place (both branches of ``llama._materialised``), not
+    inside every layer's rotation, whatever the layer count: the fix for XLA recomputing them per consumer."""
+    counts = {}
+    for layers in (2, 4):
+        model = _tiny_model(dataclasses.replace(TINY, num_layers=layers))
+        graphdef, params = nnx.split(model)
+        cache = model.init_cache(1, 16, keys_pre_rope=keys_pre_rope)
+        hlo = _jit_forward(graphdef).lower(params, _tokens(0, 1, 16), _positions(1, 16), cache).compile().as_text()
+        counts[layers] = len(re.findall(r"= f32\[[^\]]*\][^=]* sine\(", hlo))
+    tables = 2 if keys_pre_rope else 1  # the chunk's positions, and the cache slots' for pre-RoPE keys
+    assert counts[2] == counts[4] <= 2 * tables, counts
 
 
 def test_rope_variant_swap_keeps_parameters() -> None:
