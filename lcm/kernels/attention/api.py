@@ -10,10 +10,11 @@ masks, bfloat16). Pallas kernels for accelerators register here when they land, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from lcm.kernels.attention import cpu
+from lcm.kernels.dispatch import Dispatch
 from lcm.ops.attention import chunked_attention
 
 _CPU_ONLY = ("cpu_q_block", "cpu_kv_block")
@@ -24,33 +25,11 @@ def _xla(*args: Any, **kwargs: Any) -> Any:
     return chunked_attention(*args, **{k: v for k, v in kwargs.items() if k not in _CPU_ONLY})
 
 
-IMPLEMENTATIONS: dict[str, Callable[..., Any]] = {"xla": _xla, "cpu": cpu.cpu_flash_attention}
-ALIASES: dict[str, tuple[str, ...]] = {"auto": ("cpu", "xla")}
-
-
-def resolve(implementation: str | Sequence[str]) -> tuple[str, ...]:
-    """Names to try, in order: ``"auto"``, one name, a comma-separated string or a sequence of names."""
-    if isinstance(implementation, str):
-        implementation = [name.strip() for name in implementation.split(",")]
-    names: list[str] = []
-    for name in implementation:
-        names.extend(ALIASES.get(name, (name,)))
-    if not names:
-        raise ValueError(f"implementation must name at least one of {sorted(IMPLEMENTATIONS)} or 'auto'")
-    for name in names:
-        if name not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"unknown attention implementation {name!r}; choose from {sorted(IMPLEMENTATIONS) + ['auto']}"
-            )
-    return tuple(names)
+DISPATCH = Dispatch("attention", {"xla": _xla, "cpu": cpu.cpu_flash_attention}, {"auto": ("cpu", "xla")})
+IMPLEMENTATIONS = DISPATCH.implementations
+resolve = DISPATCH.resolve
 
 
 def attention(*args: Any, implementation: str | Sequence[str] = "auto", **kwargs: Any) -> Any:
     """:func:`lcm.ops.attention.chunked_attention`'s call, by the first implementation that takes it."""
-    names = resolve(implementation)
-    for name in names:
-        try:
-            return IMPLEMENTATIONS[name](*args, **kwargs)
-        except NotImplementedError:
-            continue
-    raise NotImplementedError(f"no attention implementation among {list(names)} supports this call")
+    return DISPATCH(*args, implementation=implementation, **kwargs)
