@@ -73,3 +73,19 @@ def test_bench_cli_rejects_an_unknown_engine(capsys: pytest.CaptureFixture[str])
         main(["bench", "cpu-inference", "--engines", "lcm,llama.cpp"])
     assert exit_info.value.code == 2
     assert "unknown engine 'llama.cpp'" in capsys.readouterr().err
+
+
+def test_kernel_ab_counts_causal_flops_and_rejects_bad_input(capsys) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "kernel_ab", Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_ab.py"
+    )
+    kernel_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_ab)
+    # 512-query chunks over a causal prefix sum to the causal triangle n(n+1)/2, x 9 heads x 64 dims x 4 flops
+    assert kernel_ab.attention_flops(2048) == 4 * 9 * 64 * 2048 * 2049 / 2
+    with pytest.raises(SystemExit):
+        kernel_ab.main(["missing.cc"])
+    assert "source 'missing.cc' does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        kernel_ab.main([__file__, "--length", "1000"])
+    assert "--length=1000 must be a positive multiple of 512" in capsys.readouterr().err
