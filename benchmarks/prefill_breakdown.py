@@ -50,7 +50,8 @@ def lcm_ops(
 
     from lcm.kernels.attention import api
     from lcm.ops.attention import chunked_attention
-    from lcm.ops.rope import apply_rope, rope_frequencies
+    from lcm.ops.rope import rope_frequencies
+    from lcm.ops.rotary import apply_rope
 
     rng = np.random.default_rng(0)
 

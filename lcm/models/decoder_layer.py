@@ -18,7 +18,7 @@ from jaxtyping import Array, Bool, Float, Int
 from lcm.cache.kv import write_layer
 from lcm.kernels.attention import api as attention_api
 from lcm.kernels.token_select import api as token_select_api
-from lcm.ops import rope as rope_ops
+from lcm.ops import rotary
 from lcm.ops.kv_scores import attention_mass
 from lcm.ops.token_select import SelectionCache, TokenSelectRule
 
@@ -68,14 +68,14 @@ def decoder_layer(
     its slice of the stacked ``selection`` cache; ``num_valid`` counts the chunk's real tokens. With
     ``settings.retain`` (Locret) the block's retaining head scores the new entries into ``scores``.
 
-    ``rotation`` is the cos/sin of the new tokens' positions (:func:`lcm.ops.rope.rope_cos_sin`) and
+    ``rotation`` is the cos/sin of the new tokens' positions (:func:`lcm.ops.rotary.rope_cos_sin`) and
     ``cache_rotation`` that of every cache slot's position (only when keys are stored pre-RoPE): the model
     computes both once per forward for all its layers.
     """
     block = nnx.merge(graphdef, params)
     q_pre, k_pre, v = block.attn.project_qkv(block.input_norm(x))
-    q = rope_ops.rotate(q_pre, *rotation)
-    k = k_pre if settings.keys_pre_rope else rope_ops.rotate(k_pre, *rotation)
+    q = rotary.rotate(q_pre, *rotation)
+    k = k_pre if settings.keys_pre_rope else rotary.rotate(k_pre, *rotation)
     keys, values = write_layer(keys, values, layer, start, k, v)
 
     def readable() -> tuple[jax.Array, jax.Array, jax.Array | int]:
@@ -83,7 +83,7 @@ def decoder_layer(
         would copy it), or a rotated copy of the layer when keys are stored pre-RoPE (a policy may renumber)."""
         if not settings.keys_pre_rope:
             return keys, values, layer
-        rotated = rope_ops.rotate(keys[layer].swapaxes(1, 2), *cache_rotation)
+        rotated = rotary.rotate(keys[layer].swapaxes(1, 2), *cache_rotation)
         return rotated.swapaxes(1, 2)[None], values[layer][None], 0
 
     def full_attention() -> jax.Array:

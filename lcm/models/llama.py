@@ -26,6 +26,7 @@ from lcm.cache.kv import KVCache, init_cache
 from lcm.kernels.attention import api as attention_api
 from lcm.models.decoder_layer import LayerSettings, decoder_layer
 from lcm.ops import rope as rope_ops
+from lcm.ops import rotary
 
 # variants that scale relative to the trained context L0; `with_rope` fills it in from the model
 _USES_ORIGINAL_LENGTH = frozenset({"dynamic", "yarn", "llama3", "longrope"})
@@ -279,8 +280,8 @@ class Llama(nnx.Module):
         rotation, cache_rotation = _materialised(
             start,
             lambda: (
-                rope_ops.rope_cos_sin(positions, inv_freq, attention_factor),
-                rope_ops.rope_cos_sin(cache_positions, inv_freq, attention_factor) if cache.keys_pre_rope else None,
+                rotary.rope_cos_sin(positions, inv_freq, attention_factor),
+                rotary.rope_cos_sin(cache_positions, inv_freq, attention_factor) if cache.keys_pre_rope else None,
             ),
         )
         for index, block in enumerate(self.layers):

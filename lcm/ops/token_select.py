@@ -55,7 +55,7 @@ Deviations, and why:
   in prefill 62% of the layer steps of an 8k passkey prompt on SmolLM2 reused a selection made chunks earlier and
   the key was lost. These functions take any ``threshold``; the model passes ``inf`` for chunks of more than 1.
 - Ties in the top-k go to the lower slot (``lax.top_k``); ``torch.topk`` leaves them unspecified.
-- RoPE is the model's (any variant's ``inv_freq`` and ``attention_factor``, :func:`lcm.ops.rope.apply_rope`) for the
+- RoPE is the model's (any variant's ``inv_freq`` and ``attention_factor``, :func:`lcm.ops.rotary.apply_rope`) for the
   fingerprint and the attention, where the official code uses a plain LLaMA RoPE with ``rope_base``/``rope_scale``.
 - A chunk longer than ``n_local`` is rejected by :func:`token_select_attention`: its first tokens would not be
   selected themselves, and the official causal alignment (chunk = last ``T`` entries) would be wrong.
@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from lcm.ops.rope import apply_rope
+from lcm.ops.rotary import apply_rope
 
 DEFAULT_N_INIT = 128
 DEFAULT_TOP_K = 2048

@@ -20,7 +20,7 @@ from jaxtyping import Array, Float, Int
 
 from lcm.models.llama import Llama
 from lcm.ops.attention import chunked_attention
-from lcm.ops.rope import apply_rope
+from lcm.ops.rotary import apply_rope
 
 FEATURE_DTYPE = jnp.bfloat16  # stored features (labels stay float32)
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lcm.ops import rope
+from lcm.ops import rope, rotary
 
 HEAD_DIMS = (32, 64, 96, 128)
 BASES = (1e4, 1e5, 5e5)
@@ -274,7 +274,7 @@ def test_apply_rope_matches_numpy_reference(variant: str, params: dict, jit: boo
     if fractional:
         positions = (positions + rng.random((2, 64))).astype(np.float32)
     inv_freq, attention_factor = rope.rope_frequencies(variant, 64, 1e4, params)
-    apply = jax.jit(rope.apply_rope) if jit else rope.apply_rope
+    apply = jax.jit(rotary.apply_rope) if jit else rotary.apply_rope
     out = apply(jnp.asarray(x), jnp.asarray(positions), inv_freq, attention_factor)
     assert out.dtype == jnp.float32
     expected = _rope_reference(x, positions, np.asarray(inv_freq), attention_factor)
@@ -287,7 +287,7 @@ def test_apply_rope_bfloat16_keeps_dtype(jit: bool) -> None:
     x = jnp.asarray(rng.standard_normal((1, 32, 2, 128)), jnp.bfloat16)
     positions = jnp.asarray(rng.integers(0, 8192, (1, 32)), jnp.int32)
     inv_freq, attention_factor = rope.rope_frequencies("yarn", 128, 5e5, FREQUENCY_CASES[1][1])
-    apply = jax.jit(rope.apply_rope) if jit else rope.apply_rope
+    apply = jax.jit(rotary.apply_rope) if jit else rotary.apply_rope
     out = apply(x, positions, inv_freq, attention_factor)
     assert out.dtype == jnp.bfloat16 and out.shape == x.shape
     expected = _rope_reference(
@@ -302,7 +302,7 @@ def test_apply_rope_partial_rotary_passes_the_rest_through() -> None:
     x = rng.standard_normal((1, 16, 2, 64)).astype(np.float32)
     positions = np.arange(16, dtype=np.int32)[None, :]
     inv_freq, _ = rope.rope_frequencies("default", 32, 1e4)  # rotary dim 32 of head dim 64
-    out = np.asarray(rope.apply_rope(jnp.asarray(x), jnp.asarray(positions), inv_freq))
+    out = np.asarray(rotary.apply_rope(jnp.asarray(x), jnp.asarray(positions), inv_freq))
     chex.assert_trees_all_close(
         out[..., :32],
         _rope_reference(x[..., :32], positions, np.asarray(inv_freq), 1.0),
@@ -336,7 +336,7 @@ def test_apply_rope_matches_transformers(variant: str, params: dict) -> None:
     # Rotate with transformers' own frequencies: a one-ulp difference in θ (which the frequency parity tests
     # allow) moves the angle at position 4096 by ~2e-4 rad, far above the error of the rotation itself.
     inv_freq = jnp.asarray(rotary_embedding.inv_freq.numpy())
-    out = rope.apply_rope(
+    out = rotary.apply_rope(
         jnp.asarray(q), jnp.asarray(positions, jnp.int32), inv_freq, rotary_embedding.attention_scaling
     )
     chex.assert_trees_all_close(np.asarray(out), expected.numpy(), atol=APPLY_ATOL, rtol=0)
@@ -346,9 +346,9 @@ def test_apply_rope_rejects_mismatched_shapes() -> None:
     x = jnp.zeros((2, 8, 1, 16))
     inv_freq, _ = rope.rope_frequencies("default", 16, 1e4)
     with pytest.raises(ValueError, match=re.escape("positions must have shape (B, T) = (2, 8), got (8,)")):
-        rope.apply_rope(x, jnp.arange(8), inv_freq)
+        rotary.apply_rope(x, jnp.arange(8), inv_freq)
     with pytest.raises(ValueError, match="at most D/2 = 8 entries"):
-        rope.apply_rope(x, jnp.zeros((2, 8), jnp.int32), jnp.ones(9))
+        rotary.apply_rope(x, jnp.zeros((2, 8), jnp.int32), jnp.ones(9))
 
 
 # --- relative positions --------------------------------------------------------------------------------
@@ -398,8 +398,8 @@ def test_scores_depend_only_on_relative_position(
     q, k = rng.standard_normal((2, 1, 1, 1, head_dim)).astype(np.float32).repeat(2, axis=2)  # [1, 2, 1, D]
     q_positions = jnp.array([[query_position, query_position + shift]], jnp.int32)
     k_positions = jnp.array([[key_position, key_position + shift]], jnp.int32)
-    q_rot = np.asarray(rope.apply_rope(jnp.asarray(q), q_positions, inv_freq, attention_factor))
-    k_rot = np.asarray(rope.apply_rope(jnp.asarray(k), k_positions, inv_freq, attention_factor))
+    q_rot = np.asarray(rotary.apply_rope(jnp.asarray(q), q_positions, inv_freq, attention_factor))
+    k_rot = np.asarray(rotary.apply_rope(jnp.asarray(k), k_positions, inv_freq, attention_factor))
     scores = np.einsum("bthd,bthd->t", q_rot, k_rot)
     # Both sides use the same rounded θ, so only the rounding of each product p·θ (< 4096, float32 spacing
     # 2^-12 there) matters: ≤ 1.2e-4 per angle, ≤ 2.4e-4 per angle difference (m − n)θ on each side. A score
@@ -419,7 +419,7 @@ def test_scores_depend_only_on_relative_position(
     max_position=st.one_of(st.integers(1, 16384), st.floats(0.5, 16384.0)),
 )
 def test_random_positions_invariants(seed: int, length: int, max_position: float) -> None:
-    positions = np.asarray(rope.random_positions(jax.random.key(seed), length, max_position))
+    positions = np.asarray(rotary.random_positions(jax.random.key(seed), length, max_position))
     assert positions.shape == (length,) and positions.dtype == np.float32
     assert positions[0] == 0.0
     assert np.all(np.diff(positions) >= 0)
@@ -429,18 +429,18 @@ def test_random_positions_invariants(seed: int, length: int, max_position: float
 
 def test_random_positions_are_strictly_increasing_and_jit_safe() -> None:
     key = jax.random.key(0)
-    positions = rope.random_positions(key, 512, 10_000)
+    positions = rotary.random_positions(key, 512, 10_000)
     assert np.all(np.diff(np.asarray(positions)) > 0)
-    jitted = jax.jit(rope.random_positions, static_argnums=(1, 2))(key, 512, 10_000)
+    jitted = jax.jit(rotary.random_positions, static_argnums=(1, 2))(key, 512, 10_000)
     np.testing.assert_array_equal(jitted, positions)
 
 
 def test_random_positions_mean_gap_is_one_and_rescaling_caps_the_range() -> None:
     length = 4096
-    unscaled = np.asarray(rope.random_positions(jax.random.key(1), length, 10 * length))
+    unscaled = np.asarray(rotary.random_positions(jax.random.key(1), length, 10 * length))
     # Sum of length−1 U(0, 2] gaps: mean length−1, std sqrt((length−1)/3) ≈ 37; 6 std is a loose bound.
     assert abs(unscaled[-1] - (length - 1)) < 6 * math.sqrt((length - 1) / 3)
-    capped = np.asarray(rope.random_positions(jax.random.key(1), length, length / 2))
+    capped = np.asarray(rotary.random_positions(jax.random.key(1), length, length / 2))
     chex.assert_trees_all_close(capped, unscaled * (length / 2) / unscaled[-1], rtol=1e-6, atol=1e-3)
     assert capped[-1] <= length / 2
 

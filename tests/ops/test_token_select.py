@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from lcm.ops import token_select as ts
 from lcm.ops.attention import reference_attention
-from lcm.ops.rope import apply_rope
+from lcm.ops.rotary import apply_rope
 
 # float32 against float64 numpy: dot products of N(0, 1) vectors of length <= 16 and softmax-weighted means of
 # N(0, 1) values; float32 rounding (2^-24 relative) over a few dozen terms plus float32 cos/sin of angles <= ~30 rad
