@@ -89,3 +89,19 @@ def test_kernel_ab_counts_causal_flops_and_rejects_bad_input(capsys) -> None:
     with pytest.raises(SystemExit):
         kernel_ab.main([__file__, "--length", "1000"])
     assert "--length=1000 must be a positive multiple of 512" in capsys.readouterr().err
+
+
+def test_decode_ab_rejects_bad_input(capsys) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "decode_ab", Path(__file__).resolve().parents[1] / "benchmarks" / "decode_ab.py"
+    )
+    decode_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode_ab)
+    with pytest.raises(ValueError, match="unknown attention implementation 'gpu'"):
+        decode_ab.main(["--implementations", "xla,gpu"])
+    with pytest.raises(SystemExit):
+        decode_ab.main(["--lengths", "2k"])
+    assert "--lengths='2k' must be comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        decode_ab.main(["--lengths", "0"])
+    assert "positive --lengths" in capsys.readouterr().err

@@ -5,8 +5,9 @@ and 4, head dims 16, 64 and 128, ragged query counts and caches that are not a w
 offset with an empty cache tail, sliding windows with and without sinks, rows that see no key, a stacked
 ``[L, B, K, S, D]`` cache read at a layer — and must match the plain masked reference. The CPU kernel's own
 tiles are set small in some cases so that partial query tiles and partial key blocks are exercised at small
-shapes. Then dispatch: ``"auto"`` falls through to XLA where the kernel declines (document masks, bfloat16,
-decode steps), ``"cpu"`` alone raises, unknown names are one-line errors; and a whole model gives the same
+shapes; decode steps (one query, one tile per KV head) take the kernel's split-K path, whose partial softmaxes
+are merged at the end. Then dispatch: ``"auto"`` falls through to XLA where the kernel declines (document masks,
+bfloat16), ``"cpu"`` alone raises, unknown names are one-line errors; and a whole model gives the same
 logits with either implementation.
 """
 
@@ -60,6 +61,12 @@ CASES = {
     "sinks_window_gap": (2, 21, 96, 3, 1, 16, 60, 81, 9, 5, 4, 16),
     "sinks_straddle_blocks": (1, 17, 80, 4, 4, 16, 50, 67, 6, 20, 3, 16),
     "rows_with_no_visible_key": (1, 16, 48, 2, 1, 16, 30, 20, 4, 0, 4, 16),
+    # decode steps: with one KV head (one tile per call) the kernel splits the keys, 256+ per split (2 splits here)
+    "decode_split_keys": (1, 1, 700, 3, 1, 64, 650, 651, None, 0, 64, 16),
+    "decode_split_window_sinks": (1, 1, 900, 4, 1, 16, 800, 801, 100, 4, 64, 16),
+    "decode_split_empty_tail": (1, 1, 1000, 2, 1, 32, 599, 600, None, 0, 64, 32),
+    "decode_smollm2_batch2": (2, 1, 600, 9, 3, 64, 500, 501, None, 0, 64, 64),
+    "five_queries_split_keys": (1, 5, 800, 2, 1, 16, 700, 705, None, 0, 64, 16),
 }
 
 
@@ -136,14 +143,13 @@ def test_stacked_cache_at_a_layer(implementation: str) -> None:
 
 
 def test_auto_falls_through_where_the_kernel_declines() -> None:
-    """Document masks, bfloat16 and decode steps: "cpu" alone declines, "auto" gives the XLA result."""
+    """Document masks and bfloat16: "cpu" alone declines, "auto" gives the XLA result."""
     _require("cpu")
     q, k, v = _qkv(4, 1, 24, 40, 4, 2, 16)
     segments = {"q_segments": jnp.ones((1, 24), jnp.int32), "k_segments": jnp.ones((1, 40), jnp.int32)}
     declined = {
         "documents": ((q, k, v), {"q_offset": 10, **segments}),
         "bfloat16": (tuple(x.astype(jnp.bfloat16) for x in (q, k, v)), {"q_offset": 10}),
-        "decode": ((q[:, :1], k, v), {"q_offset": 30}),
     }
     for name, (args, kwargs) in declined.items():
         with pytest.raises(NotImplementedError):
@@ -196,20 +202,21 @@ def test_bad_implementation_name_in_config() -> None:
         LlamaConfig(attention_implementation="cpu")
 
 
-@settings(max_examples=8, deadline=None, derandomize=True)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(
-    shape=st.tuples(st.integers(1, 2), st.integers(16, 70), st.sampled_from([(2, 1), (6, 2), (4, 4)])),
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 70), st.sampled_from([(2, 1), (6, 2), (4, 4)])),
     cache=st.tuples(st.integers(0, 60), st.integers(1, 140)),
     mask=st.tuples(st.one_of(st.none(), st.integers(1, 50)), st.integers(0, 12)),
-    tiles=st.tuples(st.integers(1, 70), st.sampled_from([16, 32, 48])),
+    tiles=st.tuples(st.integers(1, 70), st.sampled_from([16, 32, 48]), st.sampled_from([0, 16, 40])),
 )
 def test_cpu_kernel_matches_reference_hypothesis(shape, cache, mask, tiles) -> None:
-    """Forward only, any query count, offset, filled length, window, sinks and tile sizes."""
+    """Forward only, any query count, offset, filled length, window, sinks, tile sizes and split-K size."""
     _require("cpu")
-    (batch, t, (h, kh)), (q_offset, extra), (window, sinks), (q_block, kv_block) = shape, cache, mask, tiles
+    (batch, t, (h, kh)), (q_offset, extra), (window, sinks), (q_block, kv_block, split) = shape, cache, mask, tiles
     s = q_offset + t + extra // 2
     kv_length = min(q_offset + t, s) if extra % 2 else s  # the chunk's end, or the whole buffer
     q, k, v = _qkv(7, batch, t, s, h, kh, 16)
     kwargs = {"q_offset": q_offset, "kv_length": kv_length, "window": window, "sinks": sinks}
-    got = api.attention(q, k, v, **kwargs, cpu_q_block=q_block, cpu_kv_block=kv_block, implementation="cpu")
+    tiles = {"cpu_q_block": q_block, "cpu_kv_block": kv_block, "cpu_min_split_keys": split}
+    got = api.attention(q, k, v, **kwargs, **tiles, implementation="cpu")
     np.testing.assert_allclose(got, reference_attention(q, k, v, **kwargs), **F32_TOL)

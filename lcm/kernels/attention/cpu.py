@@ -10,8 +10,9 @@ while it is in cache, and a P·V micro-kernel (AVX2 + FMA).
 Forward only; the VJP recomputes through the XLA path (training does not run on this kernel). It declines
 (``NotImplementedError``, so :mod:`lcm.kernels.attention.api` falls through to the next implementation) whenever
 it does not apply: a backend other than the CPU, a dtype other than float32, document masks, a head dim that is not
-a multiple of 16, fewer than :data:`MIN_QUERIES` queries (decode steps stay on the XLA path, which splits the keys
-of one query across threads), or no C++ compiler / no AVX2 on this machine (a one-time warning says why).
+a multiple of 16, or no C++ compiler / no AVX2 on this machine (a one-time warning says why). Decode steps (one
+query per sequence, so one tile per KV head: fewer tasks than threads) split the keys across tasks and merge the
+partial softmaxes at the end (split-K, as FlashDecoding does on GPUs).
 
 The shared library is compiled with ``$CXX`` (default ``g++``) and ``-march=native`` into
 ``$LCM_KERNEL_CACHE`` (default ``~/.cache/lcm/kernels``), named by a hash of the source, the flags, the compiler
@@ -40,9 +41,9 @@ from lcm.ops.attention import chunked_attention, stacked_cache
 
 SOURCE = Path(__file__).with_name("cpu_flash.cc")
 TARGET = "lcm_cpu_flash_attention"
-MIN_QUERIES = 16  # fewer query rows (decode steps) stay on the XLA path
 Q_BLOCK = 64  # queries per task: with 3 grouped heads a 192 x 64 score tile (BENCHMARKS.md)
 KV_BLOCK = 64  # keys per inner step
+MIN_SPLIT_KEYS = 256  # split-K (decode): the fewest keys per split; shorter splits cost more to set up than they save
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -102,8 +103,8 @@ def available() -> bool:
     return jax.default_backend() == "cpu" and _registered() is None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
-def _flash(q, k, v, layer, q_offset, kv_length, window, sinks, scale, q_block, kv_block, xla_kwargs):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11, 12))
+def _flash(q, k, v, layer, q_offset, kv_length, window, sinks, scale, q_block, kv_block, split, xla_kwargs):
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
     return call(
         q,
@@ -116,16 +117,17 @@ def _flash(q, k, v, layer, q_offset, kv_length, window, sinks, scale, q_block, k
         sinks=np.int64(sinks),
         q_tile=np.int64(q_block),
         kv_block=np.int64(kv_block),
+        min_split_keys=np.int64(split),
         scale=np.float32(scale),
     )
 
 
-def _flash_fwd(q, k, v, layer, q_offset, kv_length, window, sinks, scale, q_block, kv_block, xla_kwargs):
-    out = _flash(q, k, v, layer, q_offset, kv_length, window, sinks, scale, q_block, kv_block, xla_kwargs)
+def _flash_fwd(q, k, v, layer, q_offset, kv_length, window, sinks, scale, q_block, kv_block, split, xla_kwargs):
+    out = _flash(q, k, v, layer, q_offset, kv_length, window, sinks, scale, q_block, kv_block, split, xla_kwargs)
     return out, (q, k, v, layer, q_offset, kv_length)
 
 
-def _flash_bwd(window, sinks, scale, q_block, kv_block, xla_kwargs, residuals, d_out):
+def _flash_bwd(window, sinks, scale, q_block, kv_block, split, xla_kwargs, residuals, d_out):
     """The XLA path's FlashAttention-2 backward (it recomputes the forward's statistics)."""
     q, k, v, layer, q_offset, kv_length = residuals
 
@@ -171,20 +173,25 @@ def cpu_flash_attention(
     layer: Int[Array, ""] | int | None = None,
     cpu_q_block: int = Q_BLOCK,
     cpu_kv_block: int = KV_BLOCK,
+    cpu_min_split_keys: int = MIN_SPLIT_KEYS,
 ) -> Float[Array, "B T H D"]:
     """:func:`lcm.ops.attention.chunked_attention` (same arguments, same result to float32 rounding) on the CPU
     kernel. ``q_block``/``kv_block`` are the XLA path's tiles, used only by the backward; the kernel tiles with
-    ``cpu_q_block`` queries x ``cpu_kv_block`` keys. Raises ``NotImplementedError`` where the module docstring
-    says it declines."""
-    q_len, head_dim = q.shape[1], q.shape[3]
+    ``cpu_q_block`` queries x ``cpu_kv_block`` keys; when there are fewer tiles than twice the threads (decode
+    steps), keys are split across tasks, at least ``cpu_min_split_keys`` per split (0: never split). Raises
+    ``NotImplementedError`` where the module docstring says it declines."""
+    head_dim = q.shape[3]
     if q_segments is not None or k_segments is not None:
         raise NotImplementedError("the CPU kernel has no document masks")
     if q.dtype != jnp.float32 or k.dtype != jnp.float32 or v.dtype != jnp.float32:
         raise NotImplementedError(f"the CPU kernel is float32 only, got {q.dtype}/{k.dtype}/{v.dtype}")
-    if head_dim % 16 or q_len < MIN_QUERIES:
-        raise NotImplementedError(f"the CPU kernel needs head_dim % 16 == 0 and >= {MIN_QUERIES} queries")
-    if cpu_kv_block <= 0 or cpu_kv_block % 16 or cpu_q_block <= 0:
-        raise ValueError(f"cpu_kv_block={cpu_kv_block} must be a multiple of 16 and cpu_q_block={cpu_q_block} >= 1")
+    if head_dim % 16:
+        raise NotImplementedError(f"the CPU kernel needs head_dim % 16 == 0, got {head_dim}")
+    if cpu_kv_block <= 0 or cpu_kv_block % 16 or cpu_q_block <= 0 or cpu_min_split_keys < 0:
+        raise ValueError(
+            f"cpu_kv_block={cpu_kv_block} must be a multiple of 16, cpu_q_block={cpu_q_block} >= 1 and "
+            f"cpu_min_split_keys={cpu_min_split_keys} >= 0"
+        )
     if not available():
         raise NotImplementedError("the CPU kernel is not available here (see the warning)")
     k, v, layer = stacked_cache(q, k, v, heads_first=heads_first, layer=layer, sinks=sinks)
@@ -204,5 +211,6 @@ def cpu_flash_attention(
         scale,
         cpu_q_block,
         cpu_kv_block,
+        cpu_min_split_keys,
         xla_kwargs,
     )

@@ -80,13 +80,19 @@ struct Problem {
   int64_t q_offset, kv_length, window, sinks;  // window < 0: none
   int64_t q_tile, kv_block;
   float scale;
+  // key splits per query tile (split-K, for decode steps: too few tiles to keep every thread busy); with more than
+  // one, each split leaves its row max, row sum and unnormalised output in `partial`, combined at the end
+  int64_t splits = 1, split_keys = 0;
+  float* partial = nullptr;
+  int64_t tile_rows() const { return std::min(q_tile, q_len) * group; }
 };
 
-constexpr int64_t kRows = 6;  // rows per micro-kernel call: 12 accumulators, enough to hide FMA latency
+constexpr int64_t kRows = 6;
+constexpr int64_t kMinSplitKeys = 256;  // split-K: fewer keys per split cost more in set-up than they save  // rows per micro-kernel call: 12 accumulators, enough to hide FMA latency
 
 // The micro-kernels take the head dim and key block as template constants where they are known (DIM, KB > 0):
 // the six rows' operands are then immediate offsets from one pointer, and the loop keeps its counters in registers
-// (with runtime strides GCC spilled them: 8% slower at 4k, BENCHMARKS.md). 0 means "read it from the argument".
+// (with runtime strides GCC spilled them: 4-8% slower at 4k, BENCHMARKS.md). 0 means "read it from the argument".
 
 // S[R, KB] = Q[R, D] . Kt[D, KB]; R a multiple of kRows, KB of 16. Each call keeps a 6 x 16 block in registers.
 template <int64_t DIM, int64_t KB>
@@ -167,7 +173,7 @@ inline int64_t padded_rows(int64_t rows) { return (rows + kRows - 1) / kRows * k
 struct Scratch {
   std::vector<float> q, kt, s, o, m, l, block_max, sub, correction;
   Scratch(const Problem& p) {
-    const int64_t rows = padded_rows(p.q_tile * p.group);
+    const int64_t rows = padded_rows(p.tile_rows());
     q.resize(rows * p.dim);
     kt.resize(p.dim * p.kv_block);
     s.resize(rows * p.kv_block);
@@ -198,8 +204,16 @@ inline void transpose8x8(const float* src, int64_t ld_src, float* dst, int64_t l
   }
 }
 
-// One (batch row, KV head, query tile): rows r = t * group + g for query t of the tile and head kv * group + g.
-void run_tile(const Problem& p, Scratch& w, int64_t b, int64_t kv, int64_t tile) {
+// The partial results of one split: tile_rows() row maxima, tile_rows() row sums, tile_rows() x dim outputs.
+inline float* partial_slot(const Problem& p, int64_t b, int64_t kv, int64_t tile, int64_t split) {
+  const int64_t tiles = (p.q_len + p.q_tile - 1) / p.q_tile;
+  const int64_t index = ((b * p.kv_heads + kv) * tiles + tile) * p.splits + split;
+  return p.partial + index * p.tile_rows() * (p.dim + 2);
+}
+
+// One (batch row, KV head, query tile, key split): rows r = t * group + g for query t of the tile and head
+// kv * group + g; the split covers keys [split * split_keys, (split + 1) * split_keys).
+void run_tile(const Problem& p, Scratch& w, int64_t b, int64_t kv, int64_t tile, int64_t split) {
   const int64_t t0 = tile * p.q_tile, nt = std::min(p.q_tile, p.q_len - t0);
   // rows [used, rows) pad the tile to whole micro-kernel calls: zero queries whose probabilities are set to 0
   const int64_t used = nt * p.group, rows = padded_rows(used), dim = p.dim, kb = p.kv_block;
@@ -222,7 +236,9 @@ void run_tile(const Problem& p, Scratch& w, int64_t b, int64_t kv, int64_t tile)
   int64_t win_lo = 0;  // with a window, keys in [sinks, first_q - window + 1) are invisible to every row
   if (p.window >= 0) win_lo = std::max<int64_t>(0, first_q - p.window + 1);
 
-  for (int64_t start = 0; start < end; start += kb) {
+  const int64_t key_lo = split * p.split_keys;  // a multiple of kb
+  const int64_t key_hi = p.splits == 1 ? end : std::min(end, key_lo + p.split_keys);
+  for (int64_t start = key_lo; start < key_hi; start += kb) {
     const int64_t n = std::min(kb, end - start);
     if (p.window >= 0 && start + n <= win_lo && start >= p.sinks) continue;  // between the sinks and the window
     // the keys of this block that every row sees need no mask
@@ -295,12 +311,49 @@ void run_tile(const Problem& p, Scratch& w, int64_t b, int64_t kv, int64_t tile)
       pv_tile(w.s.data(), vpad.data(), w.o.data(), rows, kb, dim);
     }
   }
+  if (p.splits > 1) {  // row max, row sum, unnormalised output: combined by combine_splits
+    float* slot = partial_slot(p, b, kv, tile, split);
+    const int64_t tr = p.tile_rows();
+    std::copy(w.m.begin(), w.m.begin() + tr, slot);
+    std::copy(w.l.begin(), w.l.begin() + tr, slot + tr);
+    std::copy(w.o.begin(), w.o.begin() + tr * dim, slot + 2 * tr);
+    return;
+  }
   for (int64_t t = 0; t < nt; ++t)
     for (int64_t g = 0; g < p.group; ++g) {
       const int64_t r = t * p.group + g;
       float* dst = p.out + ((b * p.q_len + t0 + t) * p.heads + kv * p.group + g) * dim;
       const float inv = w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f;
       for (int64_t d = 0; d < dim; ++d) dst[d] = w.o[r * dim + d] * inv;
+    }
+}
+
+// The splits of one (batch row, KV head, query tile) merged as in FlashDecoding: m = max_s m_s,
+// l = sum_s l_s exp(m_s - m), out = sum_s o_s exp(m_s - m) / l. A split that saw no key has l_s = 0 and is skipped.
+void combine_splits(const Problem& p, int64_t b, int64_t kv, int64_t tile) {
+  const int64_t t0 = tile * p.q_tile, nt = std::min(p.q_tile, p.q_len - t0), tr = p.tile_rows(), dim = p.dim;
+  std::vector<float> acc(dim);
+  for (int64_t t = 0; t < nt; ++t)
+    for (int64_t g = 0; g < p.group; ++g) {
+      const int64_t r = t * p.group + g;
+      float m = -INFINITY;
+      for (int64_t s = 0; s < p.splits; ++s) {
+        const float* slot = partial_slot(p, b, kv, tile, s);
+        if (slot[tr + r] > 0.0f) m = std::max(m, slot[r]);
+      }
+      float l = 0.0f;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t s = 0; s < p.splits; ++s) {
+        const float* slot = partial_slot(p, b, kv, tile, s);
+        if (!(slot[tr + r] > 0.0f)) continue;
+        const float c = std::exp(slot[r] - m);
+        l += slot[tr + r] * c;
+        const float* o = slot + 2 * tr + r * dim;
+        for (int64_t d = 0; d < dim; ++d) acc[d] += o[d] * c;
+      }
+      float* dst = p.out + ((b * p.q_len + t0 + t) * p.heads + kv * p.group + g) * dim;
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = acc[d] * inv;
     }
 }
 
@@ -312,7 +365,7 @@ struct Shared {
 ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> q_offset,
                         ffi::Buffer<ffi::S32> kv_length, ffi::ResultBuffer<ffi::F32> out, int64_t window,
-                        int64_t sinks, int64_t q_tile, int64_t kv_block, float scale) {
+                        int64_t sinks, int64_t q_tile, int64_t kv_block, int64_t min_split_keys, float scale) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 5) return ffi::Error::InvalidArgument("q must be [B,T,H,D], k [L,B,K,S,D]");
   Problem p;
@@ -334,24 +387,47 @@ ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
     return ffi::Error::InvalidArgument("head_dim and kv_block must be positive multiples of 16");
 
   const int64_t tiles = (p.q_len + p.q_tile - 1) / p.q_tile;
-  const int64_t items = p.batch * p.kv_heads * tiles;
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  // Split-K when there are fewer tiles than threads to keep busy (a decode step has one tile per KV head): the
+  // visible keys are cut into whole key blocks, at least min_split_keys each, so that every thread gets ~4 items.
+  std::vector<float> partial;
+  const int64_t base_items = p.batch * p.kv_heads * tiles;
+  const int64_t keys = std::min({p.q_offset + p.q_len, p.kv_length, p.cap});
+  if (base_items < 2 * threads && keys > 0 && min_split_keys > 0) {
+    const int64_t want = (4 * threads + base_items - 1) / base_items;
+    const int64_t blocks = (keys + kv_block - 1) / kv_block;
+    const int64_t min_blocks = (min_split_keys + kv_block - 1) / kv_block;
+    const int64_t splits = std::max<int64_t>(1, std::min(want, blocks / min_blocks));
+    if (splits > 1) {
+      p.split_keys = (blocks + splits - 1) / splits * kv_block;
+      p.splits = (keys + p.split_keys - 1) / p.split_keys;
+      partial.resize(base_items * p.splits * p.tile_rows() * (p.dim + 2));
+      p.partial = partial.data();
+    }
+  }
+  const int64_t items = base_items * p.splits;
   auto shared = std::make_shared<Shared>();
   // items in order of decreasing work (later query tiles see more keys), pulled from one counter by every thread
   auto work = [p, items, tiles, shared]() {
     shared->active.fetch_add(1);
     Scratch w(p);
     for (int64_t i = shared->next.fetch_add(1); i < items; i = shared->next.fetch_add(1)) {
-      const int64_t tile = tiles - 1 - i / (p.batch * p.kv_heads);
-      const int64_t rest = i % (p.batch * p.kv_heads);
-      run_tile(p, w, rest / p.kv_heads, rest % p.kv_heads, tile);
+      const int64_t split = i % p.splits, j = i / p.splits;
+      const int64_t tile = tiles - 1 - j / (p.batch * p.kv_heads);
+      const int64_t rest = j % (p.batch * p.kv_heads);
+      run_tile(p, w, rest / p.kv_heads, rest % p.kv_heads, tile, split);
     }
     shared->active.fetch_sub(1);
   };
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1) - 1, items - 1);
+  const int64_t helpers = std::min<int64_t>(threads - 1, items - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
   work();
   // a helper that starts late finds no item left; wait only for those still working
   while (shared->active.load() > 0) std::this_thread::yield();
+  if (p.splits > 1)
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t kv = 0; kv < p.kv_heads; ++kv)
+        for (int64_t tile = 0; tile < tiles; ++tile) combine_splits(p, b, kv, tile);
   return ffi::Error::Success();
 }
 
@@ -371,4 +447,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcmCpuFlashForward, FlashForward,
                                   .Attr<int64_t>("sinks")
                                   .Attr<int64_t>("q_tile")
                                   .Attr<int64_t>("kv_block")
+                                  .Attr<int64_t>("min_split_keys")
                                   .Attr<float>("scale"));

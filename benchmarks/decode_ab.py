@@ -1,0 +1,103 @@
+"""A/B timing of whole-model decode steps with different attention implementations, in one process.
+
+A decode step is one token through the 30 layers of a SmolLM2-shaped model (random weights: the time does not
+depend on them) against a cache filled to each ``--lengths`` value, exactly the Engine's compiled step
+(:func:`lcm.generate._decode_step`). Every implementation is compiled once per length (compile time reported),
+then the implementations are timed alternately, ``--steps`` greedy steps per repetition, so that the drift of a
+shared machine hits them alike. Reported: compile seconds, minimum and median ms/token, and whether the
+implementations produced the same tokens.
+
+    python benchmarks/decode_ab.py --implementations xla,auto --lengths 2048,8192,16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lcm.generate import _decode_step
+from lcm.kernels.attention import api
+from lcm.models.llama import Llama, LlamaConfig
+
+
+def _filled_cache(model: Llama, length: int, seed: int):
+    """A cache of capacity ``length + 64`` whose first ``length`` slots hold random keys and values."""
+    cache = model.init_cache(1, length + 64)
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal(cache.keys.shape, np.float32)
+    values = rng.standard_normal(cache.values.shape, np.float32)
+
+    def fresh():  # the step donates its cache: a new copy for every repetition
+        positions = jnp.asarray(np.arange(cache.capacity, dtype=np.int32)[None])
+        return dataclasses.replace(
+            cache, keys=jnp.asarray(keys), values=jnp.asarray(values), positions=positions, length=jnp.int32(length)
+        )
+
+    return fresh
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--implementations", default="xla,auto", help="attention implementations, comma-separated")
+    parser.add_argument("--lengths", default="2048,8192,16384", help="filled cache lengths, comma-separated")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per repetition")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args(argv)
+    implementations = [name.strip() for name in args.implementations.split(",") if name.strip()]
+    for name in implementations:
+        api.resolve(name)  # a one-line ValueError for an unknown name
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths={args.lengths!r} must be comma-separated integers")
+    if not implementations or min(lengths) <= 0 or args.steps <= 0 or args.reps <= 0:
+        parser.error("need at least one implementation, positive --lengths, --steps and --reps")
+
+    model = Llama(LlamaConfig(), rngs=nnx.Rngs(0))  # SmolLM2's shapes are the config defaults
+    _, params = nnx.split(model)
+    graphdefs = {}
+    for name in implementations:
+        model.config = dataclasses.replace(model.config, attention_implementation=name)
+        graphdefs[name] = nnx.split(model)[0]
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; steps {args.steps}, reps {args.reps}")
+    print("| filled | implementation | compile s | ms/token min | ms/token median | tokens as the first |")
+    print("|---|---|---|---|---|---|")
+    for length in lengths:
+        fresh = _filled_cache(model, length, seed=length)
+        first = jnp.zeros((1,), jnp.int32)
+        compile_seconds = {}
+        for name, graphdef in graphdefs.items():
+            start = time.perf_counter()
+            _decode_step.lower(graphdef, params, first, jnp.full((1,), length, jnp.int32), fresh()).compile()
+            compile_seconds[name] = time.perf_counter() - start
+            _decode_step(graphdef, params, first, jnp.full((1,), length, jnp.int32), fresh())[0].block_until_ready()
+        times = {name: [] for name in graphdefs}
+        tokens = {}
+        for _ in range(args.reps):
+            for name, graphdef in graphdefs.items():
+                cache, token, out = fresh(), first, []
+                start = time.perf_counter()
+                for step in range(args.steps):
+                    position = jnp.full((1,), length + step, jnp.int32)
+                    token, cache = _decode_step(graphdef, params, token, position, cache)
+                    out.append(token)
+                token.block_until_ready()
+                times[name].append((time.perf_counter() - start) / args.steps * 1e3)
+                tokens[name] = np.concatenate([np.asarray(t) for t in out])
+        reference = tokens[implementations[0]]
+        for name in graphdefs:
+            same = "yes" if np.array_equal(tokens[name], reference) else "no"
+            t = times[name]
+            cells = [length, name, f"{compile_seconds[name]:.1f}", f"{min(t):.1f}", f"{statistics.median(t):.1f}", same]
+            print("| " + " | ".join(map(str, cells)) + " |")
+
+
+if __name__ == "__main__":
+    main()
