@@ -52,6 +52,7 @@ def decoder_layer(
     attention_factor: float | jax.Array,
     q_segments: Int[Array, "B T"] | None = None,
     k_segments: Int[Array, "B S"] | None = None,
+    kv_start: Int[Array, " B"] | None = None,
     scores: Float[Array, "L B K S"] | None = None,
     observers: Bool[Array, "B T"] | None = None,
     num_valid: Int[Array, ""] | None = None,
@@ -67,6 +68,9 @@ def decoder_layer(
     ``select.budget`` entries and to TokenSelect's selection beyond (a ``lax.cond``: one branch runs), updating
     its slice of the stacked ``selection`` cache; ``num_valid`` counts the chunk's real tokens. With
     ``settings.retain`` (Locret) the block's retaining head scores the new entries into ``scores``.
+
+    ``kv_start [B]`` marks left-padded rows (:func:`lcm.ops.masks.left_padding_segments`): the prompt of row ``b``
+    starts at slot ``kv_start[b]``, and no prompt token attends to the padding before it.
 
     ``rotation`` is the cos/sin of the new tokens' positions (:func:`lcm.ops.rotary.rope_cos_sin`) and
     ``cache_rotation`` that of every cache slot's position (only when keys are stored pre-RoPE): the model
@@ -97,6 +101,7 @@ def decoder_layer(
             window=settings.window,
             q_segments=q_segments,
             k_segments=k_segments,
+            kv_start=kv_start,
             q_block=settings.q_block,
             kv_block=settings.kv_block,
             heads_first=True,

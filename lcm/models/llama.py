@@ -255,15 +255,8 @@ class Llama(nnx.Module):
         start = cache.length
         cache_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (jnp.int32(0), start))
         keys, values, scores = cache.keys, cache.values, cache.scores
-        segments = {}
-        if cache.starts is not None:  # left-padded rows: padding is segment 0, the prompt segment 1
+        if cache.starts is not None:  # left-padded rows: attention sees padding and prompt as two documents
             chex.assert_shape(cache.starts, (batch,))
-            q_slots = start + jnp.arange(seq, dtype=jnp.int32)
-            k_slots = jnp.arange(cache.capacity, dtype=jnp.int32)
-            segments = {
-                "q_segments": (q_slots[None] >= cache.starts[:, None]).astype(jnp.int32),
-                "k_segments": (k_slots[None] >= cache.starts[:, None]).astype(jnp.int32),
-            }
         x = self.embed[...][tokens]
         settings = LayerSettings(
             window=cfg.sliding_window,
@@ -303,7 +296,7 @@ class Llama(nnx.Module):
                 cache_rotation,
                 inv_freq,
                 attention_factor,
-                **segments,
+                kv_start=cache.starts,
                 scores=scores,
                 observers=observers,
                 num_valid=num_valid,

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from lcm.ops.masks import check_segments, key_blocks_to_visit, visibility_mask
+from lcm.ops.masks import check_segments, key_blocks_to_visit, padding_as_segments, visibility_mask
 
 _NEG_INF = -1e30  # finite, so rows with no visible key (padding) give zeros rather than NaN
 
@@ -49,11 +49,13 @@ def reference_attention(
     sinks: int = 0,
     q_segments: Int[Array, "B T"] | None = None,
     k_segments: Int[Array, "B S"] | None = None,
+    kv_start: Int[Array, " B"] | None = None,
     scale: float | None = None,
 ) -> Float[Array, "B T H D"]:
     """Plain masked softmax attention with repeated KV heads: the readable definition the tests compare to."""
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
+    q_segments, k_segments = padding_as_segments(kv_start, q_segments, k_segments, q_offset, q_len, k.shape[1])
     check_segments(q_segments, k_segments, q_len, k.shape[1], batch)
     kv_length = k.shape[1] if kv_length is None else kv_length
     scale = head_dim**-0.5 if scale is None else scale
@@ -337,6 +339,7 @@ def chunked_attention(
     sinks: int = 0,
     q_segments: Int[Array, "B T"] | None = None,
     k_segments: Int[Array, "B S"] | None = None,
+    kv_start: Int[Array, " B"] | None = None,
     scale: float | None = None,
     q_block: int = 256,
     kv_block: int = 256,
@@ -345,7 +348,8 @@ def chunked_attention(
 ) -> Float[Array, "B T H D"]:
     """GQA attention of ``T`` queries (slots ``q_offset…``) over ``S`` cached key slots, flash-style.
 
-    Visibility is the module docstring's rule (causal, ``kv_length``, ``window`` with ``sinks``, document masks).
+    Visibility is the module docstring's rule (causal, ``kv_length``, ``window`` with ``sinks``, document masks;
+    ``kv_start [B]``, left padding, is the document mask :func:`lcm.ops.masks.left_padding_segments` builds).
     Queries are processed in blocks of ``q_block`` (``lax.map``); for each, an online softmax (Milakov &
     Gimelshein 2018; Dao et al. 2022) runs over the key blocks of ``kv_block`` that :func:`key_blocks_to_visit`
     lists, with a *dynamic* trip count, so key blocks that are entirely masked — beyond the causal diagonal, beyond
@@ -364,6 +368,7 @@ def chunked_attention(
     k, v, layer = stacked_cache(q, k, v, heads_first=heads_first, layer=layer, sinks=sinks)
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads, cap = k.shape[2], k.shape[3]
+    q_segments, k_segments = padding_as_segments(kv_start, q_segments, k_segments, q_offset, q_len, cap)
     check_segments(q_segments, k_segments, q_len, cap, batch)
     group = num_heads // num_kv_heads
     kv_length = jnp.asarray(cap if kv_length is None else kv_length, jnp.int32)

@@ -8,6 +8,10 @@ kernel. Query ``t`` of a call sits in slot ``q = q_offset + t`` and may see key 
 — causal; inside the filled part of the cache; inside a sliding window ``w`` (Mistral) unless ``j`` is one of the
 first ``sinks`` slots, the "attention sinks" every query keeps in StreamingLLM (Xiao et al. 2024, §3.2); and, with
 document masks (packed sequences; ``q_segments``/``k_segments``, per batch row), in the same document.
+
+Left padding (a batch of prompts of different lengths, right-aligned) is the document mask of two documents per
+row: the slots below ``kv_start[b]`` (padding) and the rest (the prompt). :func:`left_padding_segments` builds
+it; the CPU kernel takes ``kv_start`` itself.
 """
 
 from __future__ import annotations
@@ -31,6 +35,35 @@ def check_segments(
         raise ValueError(f"q_segments has shape {q_segments.shape}; expected (B, T) = {(batch, q_len)}")
     if k_segments.shape != (batch, kv_len):
         raise ValueError(f"k_segments has shape {k_segments.shape}; expected (B, S) = {(batch, kv_len)}")
+
+
+def left_padding_segments(
+    kv_start: Int[Array, " B"], q_offset: Int[Array, ""] | int, q_len: int, kv_len: int
+) -> tuple[Int[Array, "B T"], Int[Array, "B S"]]:
+    """``(q_segments, k_segments)`` of left-padded rows: slot ``j`` of row ``b`` is in document 1 if
+    ``j >= kv_start[b]`` (the prompt) and 0 otherwise (padding); queries sit in slots ``q_offset…``."""
+    if kv_start.ndim != 1 or not jnp.issubdtype(kv_start.dtype, jnp.integer):
+        raise ValueError(f"kv_start must be integer [B], got {kv_start.dtype}{list(kv_start.shape)}")
+    q_slots = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)
+    k_slots = jnp.arange(kv_len, dtype=jnp.int32)
+    start = kv_start.astype(jnp.int32)[:, None]
+    return (q_slots[None] >= start).astype(jnp.int32), (k_slots[None] >= start).astype(jnp.int32)
+
+
+def padding_as_segments(
+    kv_start: jax.Array | None,
+    q_segments: jax.Array | None,
+    k_segments: jax.Array | None,
+    q_offset: Int[Array, ""] | int,
+    q_len: int,
+    kv_len: int,
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """The document masks an attention call applies: its own, or those of its left padding (not both)."""
+    if kv_start is None:
+        return q_segments, k_segments
+    if q_segments is not None or k_segments is not None:
+        raise ValueError("pass kv_start (left padding) or q_segments/k_segments (document masks), not both")
+    return left_padding_segments(kv_start, q_offset, q_len, kv_len)
 
 
 def visibility_mask(

@@ -142,6 +142,38 @@ def test_stacked_cache_at_a_layer(implementation: str) -> None:
         np.testing.assert_allclose(run(q, keys, values, jnp.int32(layer)), want, **F32_TOL)
 
 
+# (batch, T, S, H, K, D, q_offset, kv_length, window, cpu_kv_block): left-padded rows, prompts starting at STARTS
+PADDED = {
+    "prefill_chunk": (3, 40, 96, 6, 2, 16, 30, 70, None, 16),
+    "first_chunk_from_slot_0": (3, 48, 64, 4, 1, 32, 0, 48, None, 16),
+    "decode_split_keys": (3, 1, 900, 3, 1, 64, 800, 801, None, 16),
+    "window": (3, 33, 120, 6, 2, 16, 60, 93, 20, 16),
+}
+STARTS = [0, 13, 37]
+
+
+@pytest.mark.parametrize("implementation", sorted(api.IMPLEMENTATIONS))
+@pytest.mark.parametrize("case", sorted(PADDED))
+def test_left_padding_is_the_two_document_mask(implementation: str, case: str) -> None:
+    """``kv_start`` (left padding) equals the reference with padding and prompt as documents 0 and 1, built here
+    from slot numbers; the kernel takes it natively (skipping padding blocks), XLA through the same segments."""
+    _require(implementation)
+    batch, t, s, h, kh, d, q_offset, kv_length, window, kv_block = PADDED[case]
+    q, k, v = _qkv(5, batch, t, s, h, kh, d)
+    starts = np.asarray(STARTS, np.int32)
+    q_segments = (np.arange(q_offset, q_offset + t)[None] >= starts[:, None]).astype(np.int32)
+    k_segments = (np.arange(s)[None] >= starts[:, None]).astype(np.int32)
+    kwargs = {"q_offset": q_offset, "kv_length": kv_length, "window": window}
+    want = reference_attention(q, k, v, **kwargs, q_segments=q_segments, k_segments=k_segments)
+    tiles = {"cpu_kv_block": kv_block, "cpu_min_split_keys": 64, "q_block": 8, "kv_block": 16}
+    got = api.attention(q, k, v, **kwargs, kv_start=jnp.asarray(starts), **tiles, implementation=implementation)
+    np.testing.assert_allclose(got, want, **F32_TOL, err_msg=f"{implementation} {case}")
+    with pytest.raises(ValueError, match="not both"):
+        api.attention(q, k, v, kv_start=jnp.asarray(starts), q_segments=q_segments, k_segments=k_segments)
+    with pytest.raises(ValueError, match="kv_start must be integer"):
+        api.attention(q, k, v, kv_start=jnp.zeros((batch,), jnp.float32), implementation=implementation)
+
+
 def test_auto_falls_through_where_the_kernel_declines() -> None:
     """Document masks and bfloat16: "cpu" alone declines, "auto" gives the XLA result."""
     _require("cpu")

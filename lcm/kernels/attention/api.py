@@ -3,9 +3,10 @@
 ``implementation`` is a registered name or an ordered list of names tried in turn; a backend that cannot take the
 call raises ``NotImplementedError`` and the next one is tried. ``"xla"`` is
 :func:`lcm.ops.attention.chunked_attention`, always registered and the reference every backend is tested
-against; ``"cpu"`` is the FFI kernel of :mod:`lcm.kernels.attention.cpu` (float32 prefill on a CPU). ``"auto"``
-is ``("cpu", "xla")``: the kernel where it applies, XLA everywhere else (accelerators, decode steps, document
-masks, bfloat16). Pallas kernels for accelerators register here when they land, behind the same signature.
+against; ``"cpu"`` is the FFI kernel of :mod:`lcm.kernels.attention.cpu` (float32 prefill and decode on a CPU,
+left padding included). ``"auto"`` is ``("cpu", "xla")``: the kernel where it applies, XLA everywhere else
+(accelerators, document masks, bfloat16). Pallas kernels for accelerators register here when they land, behind
+the same signature.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from lcm.kernels.attention import cpu
 from lcm.kernels.dispatch import Dispatch
 from lcm.ops.attention import chunked_attention
 
-_CPU_ONLY = ("cpu_q_block", "cpu_kv_block")
+_CPU_ONLY = ("cpu_q_block", "cpu_kv_block", "cpu_min_split_keys")
 
 
 def _xla(*args: Any, **kwargs: Any) -> Any:

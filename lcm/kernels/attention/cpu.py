@@ -9,10 +9,11 @@ while it is in cache, and a P·V micro-kernel (AVX2 + FMA).
 
 Forward only; the VJP recomputes through the XLA path (training does not run on this kernel). It declines
 (``NotImplementedError``, so :mod:`lcm.kernels.attention.api` falls through to the next implementation) whenever
-it does not apply: a backend other than the CPU, a dtype other than float32, document masks, a head dim that is not
-a multiple of 16, or no C++ compiler / no AVX2 on this machine (a one-time warning says why). Decode steps (one
-query per sequence, so one tile per KV head: fewer tasks than threads) split the keys across tasks and merge the
-partial softmaxes at the end (split-K, as FlashDecoding does on GPUs).
+it does not apply: a backend other than the CPU, a dtype other than float32, document masks (it takes left
+padding, ``kv_start``), a head dim that is not a multiple of 16, or no C++ compiler / no AVX2 on this machine (a
+one-time warning says why). Decode steps (one query per sequence, so one tile per KV head: fewer tasks than
+threads) split the keys across tasks and merge the partial softmaxes at the end (split-K, as FlashDecoding does on
+GPUs).
 
 The shared library is compiled with ``$CXX`` (default ``g++``) and ``-march=native`` into
 ``$LCM_KERNEL_CACHE`` (default ``~/.cache/lcm/kernels``), named by a hash of the source, the flags, the compiler
@@ -103,8 +104,8 @@ def available() -> bool:
     return jax.default_backend() == "cpu" and _registered() is None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11, 12))
-def _flash(q, k, v, layer, q_offset, kv_length, window, sinks, scale, q_block, kv_block, split, xla_kwargs):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12, 13))
+def _flash(q, k, v, layer, q_offset, kv_length, kv_start, window, sinks, scale, q_block, kv_block, split, xla_kwargs):
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
     return call(
         q,
@@ -113,6 +114,7 @@ def _flash(q, k, v, layer, q_offset, kv_length, window, sinks, scale, q_block, k
         layer,
         q_offset,
         kv_length,
+        kv_start,
         window=np.int64(-1 if window is None else window),
         sinks=np.int64(sinks),
         q_tile=np.int64(q_block),
@@ -122,14 +124,21 @@ def _flash(q, k, v, layer, q_offset, kv_length, window, sinks, scale, q_block, k
     )
 
 
-def _flash_fwd(q, k, v, layer, q_offset, kv_length, window, sinks, scale, q_block, kv_block, split, xla_kwargs):
-    out = _flash(q, k, v, layer, q_offset, kv_length, window, sinks, scale, q_block, kv_block, split, xla_kwargs)
-    return out, (q, k, v, layer, q_offset, kv_length)
+def _flash_fwd(q, k, v, layer, q_offset, kv_length, kv_start, *static):
+    return _flash(q, k, v, layer, q_offset, kv_length, kv_start, *static), (
+        q,
+        k,
+        v,
+        layer,
+        q_offset,
+        kv_length,
+        kv_start,
+    )
 
 
 def _flash_bwd(window, sinks, scale, q_block, kv_block, split, xla_kwargs, residuals, d_out):
     """The XLA path's FlashAttention-2 backward (it recomputes the forward's statistics)."""
-    q, k, v, layer, q_offset, kv_length = residuals
+    q, k, v, layer, q_offset, kv_length, kv_start = residuals
 
     def xla(q, k, v):
         return chunked_attention(
@@ -138,6 +147,7 @@ def _flash_bwd(window, sinks, scale, q_block, kv_block, split, xla_kwargs, resid
             v,
             q_offset=q_offset,
             kv_length=kv_length,
+            kv_start=kv_start,
             window=window,
             sinks=sinks,
             scale=scale,
@@ -149,7 +159,7 @@ def _flash_bwd(window, sinks, scale, q_block, kv_block, split, xla_kwargs, resid
     _, vjp = jax.vjp(xla, q, k, v)
     dq, dk, dv = vjp(d_out)
     zero = np.zeros((), jax.dtypes.float0)
-    return dq, dk, dv, zero, zero, zero
+    return dq, dk, dv, zero, zero, zero, np.zeros(kv_start.shape, jax.dtypes.float0)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -166,6 +176,7 @@ def cpu_flash_attention(
     sinks: int = 0,
     q_segments: Int[Array, "B T"] | None = None,
     k_segments: Int[Array, "B S"] | None = None,
+    kv_start: Int[Array, " B"] | None = None,
     scale: float | None = None,
     q_block: int = 256,
     kv_block: int = 256,
@@ -196,6 +207,10 @@ def cpu_flash_attention(
         raise NotImplementedError("the CPU kernel is not available here (see the warning)")
     k, v, layer = stacked_cache(q, k, v, heads_first=heads_first, layer=layer, sinks=sinks)
     cap = k.shape[3]
+    if kv_start is None:
+        kv_start = jnp.zeros((q.shape[0],), jnp.int32)
+    elif kv_start.shape != (q.shape[0],) or not jnp.issubdtype(kv_start.dtype, jnp.integer):
+        raise ValueError(f"kv_start must be integer [B] = [{q.shape[0]}], got {kv_start.dtype}{list(kv_start.shape)}")
     kv_length = jnp.asarray(cap if kv_length is None else kv_length, jnp.int32)
     scale = head_dim**-0.5 if scale is None else float(scale)
     xla_kwargs = (("q_block", q_block), ("kv_block", kv_block))
@@ -206,6 +221,7 @@ def cpu_flash_attention(
         jnp.asarray(layer, jnp.int32),
         jnp.asarray(q_offset, jnp.int32),
         kv_length,
+        kv_start.astype(jnp.int32),
         window,
         sinks,
         scale,

@@ -7,7 +7,9 @@
 // without repeating keys: the rows of a tile are the (query, group) pairs of one KV head.
 //
 // Visibility (lcm.ops.masks.visibility_mask): query slot q sees key slot s iff s <= q, s < kv_length and, with a
-// window, q - s < window or s < sinks. A row that sees no key gets zeros.
+// window, q - s < window or s < sinks; with left padding (kv_start[b], lcm.ops.masks.left_padding_segments), a
+// query at q >= kv_start[b] sees no key below kv_start[b] (padding queries see only padding keys, which the causal
+// rule already gives). A row that sees no key gets zeros.
 //
 // Layouts (float32): q [B, T, H, D], k and v the stacked heads-first cache [L, B, K, S, D] read at `layer`,
 // out [B, T, H, D]. AVX2 + FMA intrinsics; built with -march=native on first use.
@@ -73,6 +75,7 @@ inline float hsum8(f8 v) {
 
 struct Problem {
   const float* q;
+  const int32_t* kv_start;  // [B]: the first slot of each row's prompt (left padding; all 0 without)
   const float* k;  // layer `layer` of the stacked cache: [B, K, S, D]
   const float* v;
   float* out;
@@ -235,14 +238,19 @@ void run_tile(const Problem& p, Scratch& w, int64_t b, int64_t kv, int64_t tile,
   const float* vbase = p.v + (b * p.kv_heads + kv) * p.cap * dim;
   int64_t win_lo = 0;  // with a window, keys in [sinks, first_q - window + 1) are invisible to every row
   if (p.window >= 0) win_lo = std::max<int64_t>(0, first_q - p.window + 1);
+  // left padding: a row at slot >= pad sees no key below pad; when every row of the tile is a prompt row, blocks
+  // that end at or below pad are skipped
+  const int64_t pad = p.kv_start[b];
+  const int64_t pad_lo = first_q >= pad ? pad : 0;
 
   const int64_t key_lo = split * p.split_keys;  // a multiple of kb
   const int64_t key_hi = p.splits == 1 ? end : std::min(end, key_lo + p.split_keys);
   for (int64_t start = key_lo; start < key_hi; start += kb) {
     const int64_t n = std::min(kb, end - start);
     if (p.window >= 0 && start + n <= win_lo && start >= p.sinks) continue;  // between the sinks and the window
+    if (start + n <= pad_lo) continue;  // left padding, for every row
     // the keys of this block that every row sees need no mask
-    bool all_visible = n == kb && start + n - 1 <= first_q;
+    bool all_visible = n == kb && start + n - 1 <= first_q && (start >= pad || last_q < pad);
     if (p.window >= 0) all_visible = all_visible && (last_q - start < p.window || start + n <= p.sinks);
     const int64_t whole = n / 8 * 8;  // Kt[d, s] = K[start + s, d]: 8 x 8 blocks, then the ragged tail
     for (int64_t s = 0; s < whole; s += 8)
@@ -261,6 +269,7 @@ void run_tile(const Problem& p, Scratch& w, int64_t b, int64_t kv, int64_t tile,
       const int64_t qs = first_q + r / p.group;
       const int64_t hi = std::clamp<int64_t>(std::min(qs + 1, p.kv_length) - start, 0, kb);
       std::fill(srow + std::min(hi, n), srow + kb, -INFINITY);
+      if (qs >= pad && pad > start) std::fill(srow, srow + std::min(pad - start, kb), -INFINITY);
       if (p.window >= 0) {
         const int64_t lo = std::clamp<int64_t>(qs - p.window + 1 - start, 0, kb);
         const int64_t sink_end = std::clamp<int64_t>(p.sinks - start, 0, kb);
@@ -364,7 +373,8 @@ struct Shared {
 
 ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> q_offset,
-                        ffi::Buffer<ffi::S32> kv_length, ffi::ResultBuffer<ffi::F32> out, int64_t window,
+                        ffi::Buffer<ffi::S32> kv_length, ffi::Buffer<ffi::S32> kv_start,
+                        ffi::ResultBuffer<ffi::F32> out, int64_t window,
                         int64_t sinks, int64_t q_tile, int64_t kv_block, int64_t min_split_keys, float scale) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 5) return ffi::Error::InvalidArgument("q must be [B,T,H,D], k [L,B,K,S,D]");
@@ -375,7 +385,10 @@ ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   const int64_t l = layer.typed_data()[0];
   if (l < 0 || l >= kd[0]) return ffi::Error::InvalidArgument("layer index out of range");
   const int64_t layer_size = kd[1] * kd[2] * kd[3] * kd[4];
+  if (kv_start.dimensions().size() != 1 || kv_start.dimensions()[0] != p.batch)
+    return ffi::Error::InvalidArgument("kv_start must be [B]");
   p.q = q.typed_data();
+  p.kv_start = kv_start.typed_data();
   p.k = k.typed_data() + l * layer_size;
   p.v = v.typed_data() + l * layer_size;
   p.out = out->typed_data();
@@ -439,6 +452,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcmCpuFlashForward, FlashForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
