@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 from jax import monitoring
+from jax.experimental.compilation_cache import compilation_cache
 
 _TRACE = "/jax/core/compile/jaxpr_trace_duration"
 _LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
@@ -32,6 +33,9 @@ def compilation_cache_dir() -> Path:
 def enable_compilation_cache(directory: str | Path | None = None) -> Path:
     """Cache every compiled program on disk (``directory`` or :func:`compilation_cache_dir`); returns the path."""
     path = Path(directory) if directory is not None else compilation_cache_dir()
+    if jax.config.jax_compilation_cache_dir != str(path):
+        # JAX opens its cache once per process, at the first compilation: forget it so the new directory is used
+        compilation_cache.reset_cache()
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

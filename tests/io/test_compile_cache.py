@@ -12,8 +12,15 @@ from lcm.io.compile_cache import CompileStats, compilation_cache_dir, enable_com
 @pytest.fixture
 def isolated_cache(tmp_path: Path):
     before = jax.config.jax_compilation_cache_dir
+    # a cache already in use, as after an `lcm` command earlier in the session: JAX opened it at the first
+    # compilation, and enable_compilation_cache must make it switch to the new directory
+    enable_compilation_cache(tmp_path / "earlier")
+    jax.jit(lambda x: x * 11.0 + 2.0)(jnp.ones(3)).block_until_ready()
     yield enable_compilation_cache(tmp_path / "xla")
-    jax.config.update("jax_compilation_cache_dir", before)
+    if before is not None:
+        enable_compilation_cache(before)
+    else:
+        jax.config.update("jax_compilation_cache_dir", None)
 
 
 def test_second_compilation_of_the_same_program_is_a_disk_cache_hit(isolated_cache: Path) -> None:
