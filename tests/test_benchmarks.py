@@ -105,3 +105,16 @@ def test_decode_ab_rejects_bad_input(capsys) -> None:
     with pytest.raises(SystemExit):
         decode_ab.main(["--lengths", "0"])
     assert "positive --lengths" in capsys.readouterr().err
+
+
+def test_padded_batch_ab_rejects_bad_input(capsys) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "padded_batch_ab", Path(__file__).resolve().parents[1] / "benchmarks" / "padded_batch_ab.py"
+    )
+    padded_batch_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(padded_batch_ab)
+    with pytest.raises(ValueError, match="unknown attention implementation 'gpu'"):
+        padded_batch_ab.main(["--implementations", "gpu"])
+    with pytest.raises(SystemExit):
+        padded_batch_ab.main(["--lengths", "100,x"])
+    assert "--lengths='100,x' must be comma-separated integers" in capsys.readouterr().err
