@@ -4,8 +4,8 @@
         [--decode-steps 32] [--engines lcm,lcm-xla,transformers] [--out BENCHMARKS.md] [--json FILE]
     lcm bench cpu-inference [same options]
 
-Engines: ``lcm`` (the model's default attention, ``"auto"``: the CPU FFI kernel for prefill chunks, the XLA path
-for decode steps), ``lcm-xla`` (the XLA path everywhere, as before the kernel) and ``transformers``.
+Engines: ``lcm`` (the model's default attention, ``"auto"``: the CPU FFI kernel for prefill chunks and, since
+2026-12-01, decode steps), ``lcm-xla`` (the XLA path everywhere, as before the kernel) and ``transformers``.
 Every (engine, length) cell runs in its own subprocess, one at a time, so peak RSS is that cell's alone and no
 engine's threads or caches disturb another's. A cell loads the model, resets the kernel's peak-RSS counter
 (``/proc/self/clear_refs``), then:
