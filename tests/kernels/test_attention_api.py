@@ -234,21 +234,25 @@ def test_bad_implementation_name_in_config() -> None:
         LlamaConfig(attention_implementation="cpu")
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
+@settings(max_examples=16, deadline=None, derandomize=True)
 @given(
     shape=st.tuples(st.integers(1, 2), st.integers(1, 70), st.sampled_from([(2, 1), (6, 2), (4, 4)])),
     cache=st.tuples(st.integers(0, 60), st.integers(1, 140)),
     mask=st.tuples(st.one_of(st.none(), st.integers(1, 50)), st.integers(0, 12)),
     tiles=st.tuples(st.integers(1, 70), st.sampled_from([16, 32, 48]), st.sampled_from([0, 16, 40])),
+    padding=st.one_of(st.none(), st.lists(st.floats(0, 1), min_size=2, max_size=2)),
 )
-def test_cpu_kernel_matches_reference_hypothesis(shape, cache, mask, tiles) -> None:
-    """Forward only, any query count, offset, filled length, window, sinks, tile sizes and split-K size."""
+def test_cpu_kernel_matches_reference_hypothesis(shape, cache, mask, tiles, padding) -> None:
+    """Forward only, any query count, offset, filled length, window, sinks, tile sizes, split-K size and left
+    padding (each row's prompt starting anywhere in the cache)."""
     _require("cpu")
     (batch, t, (h, kh)), (q_offset, extra), (window, sinks), (q_block, kv_block, split) = shape, cache, mask, tiles
     s = q_offset + t + extra // 2
     kv_length = min(q_offset + t, s) if extra % 2 else s  # the chunk's end, or the whole buffer
     q, k, v = _qkv(7, batch, t, s, h, kh, 16)
     kwargs = {"q_offset": q_offset, "kv_length": kv_length, "window": window, "sinks": sinks}
+    if padding is not None:
+        kwargs["kv_start"] = jnp.asarray([int(f * s) for f in padding[:batch]], jnp.int32)
     tiles = {"cpu_q_block": q_block, "cpu_kv_block": kv_block, "cpu_min_split_keys": split}
     got = api.attention(q, k, v, **kwargs, **tiles, implementation="cpu")
     np.testing.assert_allclose(got, reference_attention(q, k, v, **kwargs), **F32_TOL)
