@@ -90,8 +90,7 @@ struct Problem {
   int64_t tile_rows() const { return std::min(q_tile, q_len) * group; }
 };
 
-constexpr int64_t kRows = 6;
-constexpr int64_t kMinSplitKeys = 256;  // split-K: fewer keys per split cost more in set-up than they save  // rows per micro-kernel call: 12 accumulators, enough to hide FMA latency
+constexpr int64_t kRows = 6;  // rows per micro-kernel call: 12 accumulators, enough to hide FMA latency
 
 // The micro-kernels take the head dim and key block as template constants where they are known (DIM, KB > 0):
 // the six rows' operands are then immediate offsets from one pointer, and the loop keeps its counters in registers
@@ -374,8 +373,8 @@ struct Shared {
 ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> q_offset,
                         ffi::Buffer<ffi::S32> kv_length, ffi::Buffer<ffi::S32> kv_start,
-                        ffi::ResultBuffer<ffi::F32> out, int64_t window,
-                        int64_t sinks, int64_t q_tile, int64_t kv_block, int64_t min_split_keys, float scale) {
+                        ffi::ResultBuffer<ffi::F32> out, int64_t window, int64_t sinks, int64_t q_tile,
+                        int64_t kv_block, int64_t min_split_keys, float scale) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 5) return ffi::Error::InvalidArgument("q must be [B,T,H,D], k [L,B,K,S,D]");
   Problem p;
