@@ -37,13 +37,20 @@ def check_segments(
         raise ValueError(f"k_segments has shape {k_segments.shape}; expected (B, S) = {(batch, kv_len)}")
 
 
+def check_kv_start(kv_start: jax.Array, batch: int | None = None) -> None:
+    """Left padding comes as one integer first-prompt slot per batch row: ``kv_start`` ``[B]``."""
+    expected = "[B]" if batch is None else f"[B] = [{batch}]"
+    shape_ok = kv_start.ndim == 1 if batch is None else kv_start.shape == (batch,)
+    if not shape_ok or not jnp.issubdtype(kv_start.dtype, jnp.integer):
+        raise ValueError(f"kv_start must be integer {expected}, got {kv_start.dtype}{list(kv_start.shape)}")
+
+
 def left_padding_segments(
     kv_start: Int[Array, " B"], q_offset: Int[Array, ""] | int, q_len: int, kv_len: int
 ) -> tuple[Int[Array, "B T"], Int[Array, "B S"]]:
     """``(q_segments, k_segments)`` of left-padded rows: slot ``j`` of row ``b`` is in document 1 if
     ``j >= kv_start[b]`` (the prompt) and 0 otherwise (padding); queries sit in slots ``q_offset…``."""
-    if kv_start.ndim != 1 or not jnp.issubdtype(kv_start.dtype, jnp.integer):
-        raise ValueError(f"kv_start must be integer [B], got {kv_start.dtype}{list(kv_start.shape)}")
+    check_kv_start(kv_start)
     q_slots = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)
     k_slots = jnp.arange(kv_len, dtype=jnp.int32)
     start = kv_start.astype(jnp.int32)[:, None]

@@ -39,6 +39,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from lcm.ops.attention import chunked_attention, stacked_cache
+from lcm.ops.masks import check_kv_start
 
 SOURCE = Path(__file__).with_name("cpu_flash.cc")
 TARGET = "lcm_cpu_flash_attention"
@@ -125,15 +126,8 @@ def _flash(q, k, v, layer, q_offset, kv_length, kv_start, window, sinks, scale, 
 
 
 def _flash_fwd(q, k, v, layer, q_offset, kv_length, kv_start, *static):
-    return _flash(q, k, v, layer, q_offset, kv_length, kv_start, *static), (
-        q,
-        k,
-        v,
-        layer,
-        q_offset,
-        kv_length,
-        kv_start,
-    )
+    residuals = (q, k, v, layer, q_offset, kv_length, kv_start)
+    return _flash(*residuals, *static), residuals
 
 
 def _flash_bwd(window, sinks, scale, q_block, kv_block, split, xla_kwargs, residuals, d_out):
@@ -209,8 +203,7 @@ def cpu_flash_attention(
     cap = k.shape[3]
     if kv_start is None:
         kv_start = jnp.zeros((q.shape[0],), jnp.int32)
-    elif kv_start.shape != (q.shape[0],) or not jnp.issubdtype(kv_start.dtype, jnp.integer):
-        raise ValueError(f"kv_start must be integer [B] = [{q.shape[0]}], got {kv_start.dtype}{list(kv_start.shape)}")
+    check_kv_start(kv_start, q.shape[0])
     kv_length = jnp.asarray(cap if kv_length is None else kv_length, jnp.int32)
     scale = head_dim**-0.5 if scale is None else float(scale)
     xla_kwargs = (("q_block", q_block), ("kv_block", kv_block))
