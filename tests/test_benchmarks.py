@@ -8,11 +8,17 @@ import pytest
 from lcm.cli import main
 from lcm.models.llama import LlamaConfig
 
-_SPEC = importlib.util.spec_from_file_location(
-    "cpu_inference", Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_inference.py"
-)
-bench = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(bench)
+
+def _benchmark(name: str):
+    """The script ``benchmarks/NAME.py`` as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _benchmark("cpu_inference")
 
 
 def test_prefill_flops_match_the_issue_hand_count_at_8k() -> None:
@@ -76,11 +82,7 @@ def test_bench_cli_rejects_an_unknown_engine(capsys: pytest.CaptureFixture[str])
 
 
 def test_kernel_ab_counts_causal_flops_and_rejects_bad_input(capsys) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "kernel_ab", Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_ab.py"
-    )
-    kernel_ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernel_ab)
+    kernel_ab = _benchmark("kernel_ab")
     # 512-query chunks over a causal prefix sum to the causal triangle n(n+1)/2, x 9 heads x 64 dims x 4 flops
     assert kernel_ab.attention_flops(2048) == 4 * 9 * 64 * 2048 * 2049 / 2
     with pytest.raises(SystemExit):
@@ -92,11 +94,7 @@ def test_kernel_ab_counts_causal_flops_and_rejects_bad_input(capsys) -> None:
 
 
 def test_decode_ab_rejects_bad_input(capsys) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "decode_ab", Path(__file__).resolve().parents[1] / "benchmarks" / "decode_ab.py"
-    )
-    decode_ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(decode_ab)
+    decode_ab = _benchmark("decode_ab")
     with pytest.raises(ValueError, match="unknown attention implementation 'gpu'"):
         decode_ab.main(["--implementations", "xla,gpu"])
     with pytest.raises(SystemExit):
@@ -108,11 +106,7 @@ def test_decode_ab_rejects_bad_input(capsys) -> None:
 
 
 def test_padded_batch_ab_rejects_bad_input(capsys) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "padded_batch_ab", Path(__file__).resolve().parents[1] / "benchmarks" / "padded_batch_ab.py"
-    )
-    padded_batch_ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(padded_batch_ab)
+    padded_batch_ab = _benchmark("padded_batch_ab")
     with pytest.raises(ValueError, match="unknown attention implementation 'gpu'"):
         padded_batch_ab.main(["--implementations", "gpu"])
     with pytest.raises(SystemExit):
