@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lcm.cli import int_list, str_list
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2"
 WARMUP_TOKENS = 128
@@ -305,10 +307,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lcm bench cpu-inference", description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
-    parser.add_argument("--decode-lengths", default="2048,8192,16384")
+    parser.add_argument("--lengths", type=int_list, default="1024,2048,4096,8192,16384")
+    parser.add_argument("--decode-lengths", type=int_list, default="2048,8192,16384")
     parser.add_argument("--decode-steps", type=int, default=32)
-    parser.add_argument("--engines", default="lcm,transformers")
+    parser.add_argument("--engines", type=str_list, default="lcm,transformers")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file the table is appended to")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--cell", nargs=3, metavar=("ENGINE", "LENGTH", "STEPS"), help=argparse.SUPPRESS)
@@ -318,12 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(CELLS[engine](length, steps)))
         return 0
 
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    engines = args.engines
     for engine in engines:
         if engine not in CELLS:
             parser.error(f"unknown engine {engine!r}; choose from {sorted(CELLS)}")
-    lengths = [int(x) for x in args.lengths.split(",")]
-    decode_lengths = {int(x) for x in args.decode_lengths.split(",") if x}
+    lengths, decode_lengths = args.lengths, set(args.decode_lengths)
     if args.decode_steps < 2:
         parser.error(f"--decode-steps={args.decode_steps}: need at least 2 (the first step holds the compile)")
 

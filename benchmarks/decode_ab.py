@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lcm.cli import int_list, str_list
 from lcm.generate import _decode_step
 from lcm.kernels.attention import api
 from lcm.models.llama import Llama, LlamaConfig
@@ -45,20 +46,20 @@ def _filled_cache(model: Llama, length: int, seed: int):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--implementations", default="xla,auto", help="attention implementations, comma-separated")
-    parser.add_argument("--lengths", default="2048,8192,16384", help="filled cache lengths, comma-separated")
+    parser.add_argument(
+        "--implementations", type=str_list, default="xla,auto", help="attention implementations, comma-separated"
+    )
+    parser.add_argument(
+        "--lengths", type=int_list, default="2048,8192,16384", help="filled cache lengths, comma-separated"
+    )
     parser.add_argument("--steps", type=int, default=16, help="decode steps per repetition")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args(argv)
-    implementations = [name.strip() for name in args.implementations.split(",") if name.strip()]
+    implementations, lengths = args.implementations, args.lengths
     for name in implementations:
         api.resolve(name)  # a one-line ValueError for an unknown name
-    try:
-        lengths = [int(x) for x in args.lengths.split(",")]
-    except ValueError:
-        parser.error(f"--lengths={args.lengths!r} must be comma-separated integers")
-    if not implementations or min(lengths) <= 0 or args.steps <= 0 or args.reps <= 0:
-        parser.error("need at least one implementation, positive --lengths, --steps and --reps")
+    if args.steps <= 0 or args.reps <= 0:
+        parser.error("need positive --steps and --reps")
 
     model = Llama(LlamaConfig(), rngs=nnx.Rngs(0))  # SmolLM2's shapes are the config defaults
     _, params = nnx.split(model)

@@ -15,6 +15,7 @@ import argparse
 import numpy as np
 from flax import nnx
 
+from lcm.cli import int_list, str_list
 from lcm.generate import Engine
 from lcm.kernels.attention import api
 from lcm.models.llama import Llama, LlamaConfig
@@ -22,20 +23,20 @@ from lcm.models.llama import Llama, LlamaConfig
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--implementations", default="xla,auto", help="attention implementations, comma-separated")
-    parser.add_argument("--lengths", default="2048,1900,1700", help="prompt lengths of the batch, comma-separated")
+    parser.add_argument(
+        "--implementations", type=str_list, default="xla,auto", help="attention implementations, comma-separated"
+    )
+    parser.add_argument(
+        "--lengths", type=int_list, default="2048,1900,1700", help="prompt lengths of the batch, comma-separated"
+    )
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args(argv)
-    implementations = [name.strip() for name in args.implementations.split(",") if name.strip()]
+    implementations, lengths = args.implementations, args.lengths
     for name in implementations:
         api.resolve(name)  # a one-line ValueError for an unknown name
-    try:
-        lengths = [int(x) for x in args.lengths.split(",")]
-    except ValueError:
-        parser.error(f"--lengths={args.lengths!r} must be comma-separated integers")
-    if not implementations or min(lengths) <= 0 or args.new_tokens <= 0 or args.reps <= 0:
-        parser.error("need at least one implementation, positive --lengths, --new-tokens and --reps")
+    if args.new_tokens <= 0 or args.reps <= 0:
+        parser.error("need positive --new-tokens and --reps")
 
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, LlamaConfig().vocab_size, n).tolist() for n in lengths]

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from lcm.cli import int_list
+
 LAYERS, D, F, H, K, HD = 30, 576, 1536, 9, 3, 64
 
 
@@ -181,7 +183,7 @@ def table(length: int, lcm: dict[str, float], hf: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lcm bench prefill-breakdown", description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="2048,8192")
+    parser.add_argument("--lengths", type=int_list, default="2048,8192")
     parser.add_argument("--tiles", default="256/256,256/512", help="XLA path's q_block/kv_block tiles")
     parser.add_argument("--cpu-tiles", default="64/64,32/128,64/128", help="CPU kernel's tiles ('' for none)")
     parser.add_argument("--chunk", type=int, default=512)
@@ -191,14 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         return [tuple(int(n) for n in t.split("/")) for t in text.split(",") if t]  # type: ignore[misc]
 
     try:
-        lengths = [int(s) for s in args.lengths.split(",")]
         tiles, cpu_tiles = pairs(args.tiles), pairs(args.cpu_tiles)
     except ValueError:
-        parser.error(
-            f"--lengths takes integers, --tiles/--cpu-tiles Q/KV pairs; got {args.lengths!r}, {args.tiles!r}, "
-            f"{args.cpu_tiles!r}"
-        )
-    for length in lengths:
+        parser.error(f"--tiles/--cpu-tiles take Q/KV pairs; got {args.tiles!r}, {args.cpu_tiles!r}")
+    for length in args.lengths:
         if length % args.chunk:
             parser.error(f"length {length} is not a multiple of --chunk={args.chunk}")
         lcm = lcm_ops(length, args.chunk, tiles, cpu_tiles)

@@ -32,7 +32,8 @@ class BadInput(Exception):
     """An error in what the user asked for: reported in one line, exit code 2."""
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """Argparse type: comma-separated positive integers (``2048,8192``); the benchmarks' flags use it too."""
     try:
         values = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
@@ -182,7 +183,8 @@ def cmd_niah(args: argparse.Namespace) -> None:
     _emit(args, payload, f"lengths {payload['lengths']}\n{grid}\nwrote {args.out}/niah.png and niah.json")
 
 
-def _str_list(text: str) -> list[str]:
+def str_list(text: str) -> list[str]:
+    """Argparse type: a non-empty comma-separated list of names."""
     values = [s.strip() for s in text.split(",") if s.strip()]
     if not values:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
@@ -309,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = evs.add_parser("passkey", help="passkey retrieval accuracy per length")
     _add_model_args(p)
     _add_policy_args(p)
-    p.add_argument("--lengths", type=_int_list, required=True)
+    p.add_argument("--lengths", type=int_list, required=True)
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--depth", type=float, default=None, help="needle depth in [0, 1]; default random per trial")
     p.add_argument("--seed", type=int, default=0)
@@ -321,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = evs.add_parser("lines", help="LongChat-Lines (Giraffe) accuracy per length or per number of lines")
     _add_model_args(p)
     _add_policy_args(p)
-    p.add_argument("--lengths", type=_int_list, default=None, help="prompt lengths in tokens (lines fitted)")
-    p.add_argument("--num-lines", type=_int_list, default=None, help="numbers of lines (Giraffe's sweep)")
+    p.add_argument("--lengths", type=int_list, default=None, help="prompt lengths in tokens (lines fitted)")
+    p.add_argument("--num-lines", type=int_list, default=None, help="numbers of lines (Giraffe's sweep)")
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--depth", type=float, default=None, help="the asked line's depth in [0, 1]; default spread")
     p.add_argument("--seed", type=int, default=0)
@@ -334,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = evs.add_parser("niah", help="needle in a haystack over lengths x depths")
     _add_model_args(p)
     _add_policy_args(p)
-    p.add_argument("--lengths", type=_int_list, required=True)
+    p.add_argument("--lengths", type=int_list, required=True)
     p.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--haystack", default="", help="text file (default: the Python reference docs)")
     p.add_argument("--out", required=True, help="folder for niah.png and niah.json")
@@ -346,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = evs.add_parser("grid", help="every task x length x RoPE x KV policy; resumable (results.jsonl)")
     p.add_argument("--model", default="smollm2", help="registered name, a .gguf file or an HF folder")
-    p.add_argument("--tasks", type=_str_list, required=True, help="task names or file:PATH.jsonl, comma-separated")
-    p.add_argument("--lengths", type=_int_list, required=True)
+    p.add_argument("--tasks", type=str_list, required=True, help="task names or file:PATH.jsonl, comma-separated")
+    p.add_argument("--lengths", type=int_list, required=True)
     p.add_argument("--rope", action="append", help="a RoPE spec; repeat the flag to compare several")
     p.add_argument("--policy", action="append", help="a KV policy NAME[:k=v,...]; repeat the flag for several")
     p.add_argument("--budget", type=_budgets, default=[0], help="KV budgets in tokens (0 = full cache)")

@@ -99,10 +99,10 @@ def test_decode_ab_rejects_bad_input(capsys) -> None:
         decode_ab.main(["--implementations", "xla,gpu"])
     with pytest.raises(SystemExit):
         decode_ab.main(["--lengths", "2k"])
-    assert "--lengths='2k' must be comma-separated integers" in capsys.readouterr().err
+    assert "argument --lengths: expected comma-separated integers, got '2k'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         decode_ab.main(["--lengths", "0"])
-    assert "positive --lengths" in capsys.readouterr().err
+    assert "argument --lengths: expected positive integers, got '0'" in capsys.readouterr().err
 
 
 def test_padded_batch_ab_rejects_bad_input(capsys) -> None:
@@ -111,4 +111,4 @@ def test_padded_batch_ab_rejects_bad_input(capsys) -> None:
         padded_batch_ab.main(["--implementations", "gpu"])
     with pytest.raises(SystemExit):
         padded_batch_ab.main(["--lengths", "100,x"])
-    assert "--lengths='100,x' must be comma-separated integers" in capsys.readouterr().err
+    assert "argument --lengths: expected comma-separated integers, got '100,x'" in capsys.readouterr().err
