@@ -234,7 +234,7 @@ def test_bad_implementation_name_in_config() -> None:
         LlamaConfig(attention_implementation="cpu")
 
 
-@settings(max_examples=16, deadline=None, derandomize=True)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(
     shape=st.tuples(st.integers(1, 2), st.integers(1, 70), st.sampled_from([(2, 1), (6, 2), (4, 4)])),
     cache=st.tuples(st.integers(0, 60), st.integers(1, 140)),
