@@ -176,6 +176,7 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
     from lcm.evals.suite import model_with_rope
     from lcm.generate import Engine
     from lcm.io.checkpoints import load_model
+    from lcm.io.compile_cache import CompileStats
     from lcm.io.retaining import model_for_policy
 
     out = Path(spec.out_dir)
@@ -215,7 +216,8 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
                     batch = cell[first : first + size]
                     started = time.perf_counter()
                     max_new = max(s.max_new_tokens for s in batch)
-                    outputs = engine.generate_many([list(s.ids) for s in batch], max_new, stop_ids, batch_size=size)
+                    with CompileStats() as compiled:  # the times below include it: the cost table leaves such rows out
+                        outputs = engine.generate_many([list(s.ids) for s in batch], max_new, stop_ids, batch_size=size)
                     seconds = (time.perf_counter() - started) / len(batch)
                     for sample, ids in zip(batch, outputs, strict=True):
                         text = tokenizer.decode(ids[: sample.max_new_tokens].tolist())
@@ -224,6 +226,7 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
                         row["prefill_seconds"] = round(engine.last_prefill_seconds / len(batch), 3)
                         steps = max(engine.last_decode_steps, 1)
                         row["decode_ms_per_token"] = round(1000 * engine.last_decode_seconds / steps, 1)
+                        row["compile_seconds"] = round(compiled.seconds / len(batch), 3)  # trace + compile or load
                         sink.write(json.dumps(row) + "\n")
                     sink.flush()
                     bar.update(len(batch))

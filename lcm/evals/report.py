@@ -114,8 +114,9 @@ def budget_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def cost_table(rows: Sequence[dict[str, Any]]) -> str:
     """KV-cache bytes of the prompt (measured from the cache arrays at their largest), prefill seconds and decode
-    ms/token per method and length, medians over every task's samples (the first sample of a cell also pays
-    for compiling its programs; the median leaves that out); empty for results without these fields."""
+    ms/token per method and length, medians over every task's samples; empty for results without these fields.
+    A sample whose run traced, compiled or loaded a program (``compile_seconds`` > 0, the first of a cell) is left
+    out where its cell has others: its times include that work."""
     rows = [r for r in rows if "kv_bytes" in r]
     if not rows:
         return ""
@@ -124,7 +125,10 @@ def cost_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         cells[(method_label(r["rope"], r["policy"], r["budget"]), r["length"])].append(r)
     header = "| method | " + " | ".join(f"{n}: KV MiB / prefill s / decode ms/token" for n in lengths) + " |"
-    title = "### Cost per sample (medians over samples and tasks; wall time)"
+    title = (
+        "### Cost per sample (medians over samples and tasks; wall time, leaving out samples whose run compiled or "
+        "loaded a program where a cell has others)"
+    )
     lines = [title, "", header, "|---" * (len(lengths) + 1) + "|"]
     for method in _methods_of(rows):
         out = []
@@ -133,6 +137,8 @@ def cost_table(rows: Sequence[dict[str, Any]]) -> str:
             if not group:
                 out.append("")
                 continue
+            warm = [r for r in group if r.get("compile_seconds", 0) == 0]  # rows before the field count as warm
+            group = warm or group
             mib = np.median([r["kv_bytes"] for r in group]) / 2**20
             prefill = np.median([r["prefill_seconds"] for r in group])
             decode = np.median([r["decode_ms_per_token"] for r in group])

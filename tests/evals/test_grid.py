@@ -253,3 +253,16 @@ def test_the_cli_runs_a_grid_and_prints_json(tmp_path, tiny_model_loader, capsys
     assert cli.main(argv) == 0
     payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(payload["scores"]["passkey"]) == {"none", "none, streamingllm@96"}
+
+
+def test_cost_table_leaves_out_samples_that_compiled() -> None:
+    def row(prefill: float, compile_seconds: float | None, length: int = 2048) -> dict:
+        r = dict(task="passkey", length=length, rope="none", policy="full", budget=0, kv_bytes=2**20)
+        r |= dict(prefill_seconds=prefill, decode_ms_per_token=10 * prefill)
+        return r if compile_seconds is None else r | {"compile_seconds": compile_seconds}
+
+    rows = [row(9.0, 4.0), row(1.0, 0.0), row(2.0, 0.0)]  # the first sample paid 4 s of compiling
+    rows += [row(5.0, 3.0, 4096), row(6.0, None, 4096)]  # a row without the field (older results) counts as warm
+    rows += [row(7.0, 2.0, 8192)]  # a cell of compiling samples only keeps them
+    text = report.cost_table(rows)
+    assert "| none | 1.0 / 1.50 / 15 | 1.0 / 6.00 / 60 | 1.0 / 7.00 / 70 |" in text
