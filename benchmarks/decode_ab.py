@@ -2,7 +2,7 @@
 
 A decode step is one token through the 30 layers of a SmolLM2-shaped model (random weights: the time does not
 depend on them) against a cache filled to each ``--lengths`` value, exactly the Engine's compiled step
-(:func:`lcm.generate._decode_step`). Every implementation is compiled once per length (compile time reported),
+(:func:`lcm.steps.decode_step`). Every implementation is compiled once per length (compile time reported),
 then the implementations are timed alternately, ``--steps`` greedy steps per repetition, so that the drift of a
 shared machine hits them alike. Reported: compile seconds, minimum and median ms/token, and whether the
 implementations produced the same tokens.
@@ -23,9 +23,9 @@ import numpy as np
 from flax import nnx
 
 from lcm.cli import int_list, str_list
-from lcm.generate import _decode_step
 from lcm.kernels.attention import api
 from lcm.models.llama import Llama, LlamaConfig
+from lcm.steps import decode_step
 
 
 def _filled_cache(model: Llama, length: int, seed: int):
@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> None:
         compile_seconds = {}
         for name, graphdef in graphdefs.items():
             start = time.perf_counter()
-            _decode_step.lower(graphdef, params, first, jnp.full((1,), length, jnp.int32), fresh()).compile()
+            decode_step.lower(graphdef, params, first, jnp.full((1,), length, jnp.int32), fresh()).compile()
             compile_seconds[name] = time.perf_counter() - start
-            _decode_step(graphdef, params, first, jnp.full((1,), length, jnp.int32), fresh())[0].block_until_ready()
+            decode_step(graphdef, params, first, jnp.full((1,), length, jnp.int32), fresh())[0].block_until_ready()
         times = {name: [] for name in graphdefs}
         tokens = {}
         for _ in range(args.reps):
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.perf_counter()
                 for step in range(args.steps):
                     position = jnp.full((1,), length + step, jnp.int32)
-                    token, cache = _decode_step(graphdef, params, token, position, cache)
+                    token, cache = decode_step(graphdef, params, token, position, cache)
                     out.append(token)
                 token.block_until_ready()
                 times[name].append((time.perf_counter() - start) / args.steps * 1e3)

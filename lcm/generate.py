@@ -1,7 +1,7 @@
 """Chunked prefill, greedy decoding and per-token NLL over the model's explicit KV cache.
 
-Every jitted function here takes the model as ``(graphdef, params)`` with ``graphdef`` static, so one compiled
-program serves every prompt of the same (chunk, capacity) shape: prompts are processed in fixed chunks of
+Every jitted program (:mod:`lcm.steps`) takes the model as ``(graphdef, params)`` with ``graphdef`` static, so
+one compiled program serves every prompt of the same (chunk, capacity) shape: prompts are processed in fixed chunks of
 ``chunk_size`` tokens (the last one right-padded, ``num_valid`` saying how many are real) and the cache capacity is
 rounded up to a multiple of the chunk. Decoding compiles one step per capacity and is reused token after token;
 the cache is donated so XLA updates it in place. Attention memory is ``O(chunk x capacity)``, never
@@ -16,7 +16,6 @@ cache: attention visits only the key blocks below the filled length (see :mod:`l
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -25,132 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lcm.cache.kv import KVCache, record_novelty, token_novelty
-from lcm.cache.policies import KVPolicy, compress
+from lcm import steps
+from lcm.cache.kv import KVCache
+from lcm.cache.policies import KVPolicy
 from lcm.models.llama import Llama
 from lcm.ops.token_select import init_selection_cache
-
-
-def _run_chunk(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    tokens_BxC: jax.Array,
-    positions_BxC: jax.Array,
-    num_valid: jax.Array,
-    rope_seq_len: jax.Array,
-    cache: KVCache,
-    observers_BxC: jax.Array | None = None,
-    retain: bool = False,
-) -> tuple[Llama, jax.Array, KVCache]:
-    """One right-padded prefill chunk through the decoder (traced inside the jitted callers below); ``retain``:
-    the model's retaining heads score the chunk's entries into ``cache.scores`` (Locret)."""
-    model = nnx.merge(graphdef, params)
-    hidden_BxCxD, cache = model.hidden_states(
-        tokens_BxC,
-        positions_BxC,
-        cache,
-        num_valid=num_valid,
-        rope_seq_len=rope_seq_len,
-        observers=observers_BxC,
-        retain_scores=retain,
-    )
-    return model, hidden_BxCxD, cache
-
-
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("retain",), donate_argnames=("cache",))
-def _prefill_chunk(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    tokens_BxC: jax.Array,
-    positions_BxC: jax.Array,
-    num_valid: jax.Array,
-    rope_seq_len: jax.Array,
-    cache: KVCache,
-    observers_BxC: jax.Array | None = None,
-    previous_logits_BxV: jax.Array | None = None,
-    retain: bool = False,
-) -> tuple[jax.Array, KVCache]:
-    start = cache.length
-    model, hidden_BxCxD, cache = _run_chunk(
-        graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache, observers_BxC, retain
-    )
-    if cache.token_nll is None:
-        last_BxD = jax.lax.dynamic_index_in_dim(hidden_BxCxD, num_valid - 1, axis=1, keepdims=False)
-        return model.logits(last_BxD), cache
-    # a policy ranks entries by their token's NLL (InfiniPot's NuC): every position's logits are needed
-    logits_BxCxV = model.logits(hidden_BxCxD)
-    cache = record_novelty(cache, start, token_novelty(tokens_BxC, logits_BxCxV, previous_logits_BxV))
-    return jax.lax.dynamic_index_in_dim(logits_BxCxV, num_valid - 1, axis=1, keepdims=False), cache
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
-def _probe_chunk(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    tokens_BxP: jax.Array,
-    positions_BxP: jax.Array,
-    rope_seq_len: jax.Array,
-    cache: KVCache,
-) -> KVCache:
-    """A policy's probe (InfiniPot's catalyst prompt) fed after the filled slots on zeroed scores, its queries the
-    only observers; its own entries are dropped again (``length`` set back, so they count as empty and the next
-    chunk overwrites them). ``cache.scores`` is then the attention each cached key receives from the probe."""
-    length = cache.length
-    cache = dataclasses.replace(cache, scores=jnp.zeros(cache.keys.shape[:4], jnp.float32))
-    observers_BxP = jnp.ones(tokens_BxP.shape, bool)
-    num_valid = jnp.int32(tokens_BxP.shape[1])
-    _, _, cache = _run_chunk(graphdef, params, tokens_BxP, positions_BxP, num_valid, rope_seq_len, cache, observers_BxP)
-    return dataclasses.replace(cache, length=length)
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
-def _nll_chunk(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    tokens_BxC: jax.Array,
-    targets_BxC: jax.Array,
-    positions_BxC: jax.Array,
-    num_valid: jax.Array,
-    rope_seq_len: jax.Array,
-    cache: KVCache,
-) -> tuple[jax.Array, KVCache]:
-    model, hidden_BxCxD, cache = _run_chunk(graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache)
-    logits_BxCxV = model.logits(hidden_BxCxD)
-    logprobs = jax.nn.log_softmax(logits_BxCxV, axis=-1)
-    nll_BxC = -jnp.take_along_axis(logprobs, targets_BxC[..., None], axis=-1)[..., 0]
-    return nll_BxC, cache
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnames=("cache",))
-def _compress(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array, final: bool = False) -> KVCache:
-    return compress(policy, cache, prompt_seen, final)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _shrink(cache: KVCache, capacity: int) -> KVCache:
-    """The first ``capacity`` slots of every buffer (after eviction the rest is empty)."""
-
-    def cut(x: jax.Array | None, axis: int) -> jax.Array | None:
-        return None if x is None else jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
-
-    return dataclasses.replace(
-        cache,
-        keys=cut(cache.keys, 3),
-        values=cut(cache.values, 3),
-        scores=cut(cache.scores, 3),
-        token_nll=cut(cache.token_nll, 3),
-        positions=cut(cache.positions, 1),
-    )
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
-def _decode_step(
-    graphdef: nnx.GraphDef, params: nnx.State, token_B: jax.Array, position_B: jax.Array, cache: KVCache
-) -> tuple[jax.Array, KVCache]:
-    model = nnx.merge(graphdef, params)
-    hidden_Bx1xD, cache = model.hidden_states(token_B[:, None], position_B[:, None], cache)
-    logits_BxV = model.logits(hidden_Bx1xD[:, 0])
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), cache
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -294,7 +172,7 @@ class Engine:
             if policy.needs_scores:
                 watch = policy.observers(np.arange(start, start + self.chunk_size), length)
                 observers = jnp.asarray(np.broadcast_to(watch & (np.arange(self.chunk_size) < n), chunk.shape))
-            logits, cache = _prefill_chunk(
+            logits, cache = steps.prefill_chunk(
                 self.graphdef,
                 self.params,
                 chunk,
@@ -314,7 +192,7 @@ class Engine:
             if compresses and (after_chunk or last and not policy.streaming):
                 if policy.probe_tokens():
                     cache = self._probe(cache, filled, start + n, rope_seq_len)
-                cache = _compress(policy, cache, jnp.int32(start + n), last)
+                cache = steps.compress_cache(policy, cache, jnp.int32(start + n), last)
                 filled = policy.budget
         return logits, cache
 
@@ -324,7 +202,7 @@ class Engine:
         tokens = self._check_tokens(np.broadcast_to(ids, (cache.keys.shape[1], ids.size)))
         first = filled if self.policy.renumber else prompt_seen
         positions = np.broadcast_to(np.arange(first, first + ids.size, dtype=np.int32), tokens.shape)
-        return _probe_chunk(self.graphdef, self.params, tokens, positions, rope_seq_len, cache)
+        return steps.probe_chunk(self.graphdef, self.params, tokens, positions, rope_seq_len, cache)
 
     def generate(self, tokens: np.ndarray, max_new_tokens: int, stop_ids: Sequence[int] = ()) -> np.ndarray:
         """Greedy continuation ``[B, <= max_new_tokens]`` of equal-length prompts ``[B, T]``.
@@ -350,7 +228,7 @@ class Engine:
         if self.policy.bounded and self.policy.evicts:  # after eviction `filled` slots hold entries: shrink
             capacity = _round_up(filled + max_new_tokens, self.chunk_size)
             if capacity < cache.capacity:
-                cache = _shrink(cache, capacity)
+                cache = steps.shrink_cache(cache, capacity)
         first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         position = filled if self.policy.renumber else length
         started = time.perf_counter()
@@ -434,7 +312,7 @@ class Engine:
             if done.all():
                 break
             positions = jnp.asarray(position + step - 1 - offsets, jnp.int32)
-            token, cache = _decode_step(self.graphdef, self.params, token, positions, cache)
+            token, cache = steps.decode_step(self.graphdef, self.params, token, positions, cache)
             out.append(token)
             if stops.size:  # the one host transfer per step, and only when a stop token must be checked
                 done |= np.isin(np.asarray(token), stops)
@@ -455,7 +333,7 @@ class Engine:
         for start, n in self._chunks(length):
             chunk, targets = self._pad(tokens, start, n), self._pad(targets_all, start, n)
             positions = self._positions(cache, start)
-            nll, cache = _nll_chunk(
+            nll, cache = steps.nll_chunk(
                 self.graphdef, self.params, chunk, targets, positions, jnp.int32(n), rope_seq_len, cache
             )
             nlls.append(np.asarray(nll[:, :n]))

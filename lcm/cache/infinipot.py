@@ -24,7 +24,7 @@ How it maps onto :mod:`lcm.cache.policies` and :class:`lcm.generate.Engine`:
 - ``renumber=True`` is CR-RoPE: keys pre-RoPE, positions = slots after :func:`~lcm.cache.policies.compress`.
 - CaP: before each compression the Engine feeds :meth:`probe_tokens` (the catalyst) after the filled slots
   with ``cache.scores`` zeroed and the catalyst's queries the only observers, then sets ``cache.length`` back
-  (``lcm.generate._probe_chunk``); ``cache.scores`` then holds the catalyst's attention to every cached key.
+  (``lcm.steps.probe_chunk``); ``cache.scores`` then holds the catalyst's attention to every cached key.
 - NuC: ``cache.token_nll`` holds each entry's NLL, written by the Engine when its chunk is fed
   (:func:`lcm.cache.kv.record_novelty`) and moved with the entry by ``compress``.
 - The combination is a priority (NuC picks ``+inf``, the rest their CaP score), so ``compress`` stays the one

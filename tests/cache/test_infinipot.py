@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import lcm.generate
+import lcm.steps
 from lcm.cache.infinipot import InfiniPot
 from lcm.cache.kv import init_cache, token_novelty
 from lcm.cache.policies import POLICIES, compress, make_policy
@@ -129,7 +129,7 @@ def test_token_novelty_reads_the_previous_position() -> None:
 
 def test_the_catalyst_probe_scores_the_pot_and_leaves_no_trace(model: Llama, monkeypatch) -> None:
     seen = []
-    probe = lcm.generate._probe_chunk
+    probe = lcm.steps.probe_chunk
 
     def spy(graphdef, params, tokens, positions, rope_seq_len, cache):
         before = (int(cache.length), np.asarray(cache.keys), np.asarray(cache.positions))
@@ -137,7 +137,7 @@ def test_the_catalyst_probe_scores_the_pot_and_leaves_no_trace(model: Llama, mon
         seen.append((before, np.asarray(positions), int(out.length), np.asarray(out.keys), np.asarray(out.scores)))
         return out
 
-    monkeypatch.setattr(lcm.generate, "_probe_chunk", spy)
+    monkeypatch.setattr(lcm.steps, "probe_chunk", spy)
     engine = Engine(model, chunk_size=8, policy=InfiniPot(budget=12, catalyst_ids=CATALYST))
     tokens = np.random.default_rng(4).integers(0, model.config.vocab_size, (1, 40))
     engine.prefill(tokens, engine.new_cache(1, engine.prompt_capacity(40)))
@@ -155,13 +155,13 @@ def test_the_catalyst_probe_scores_the_pot_and_leaves_no_trace(model: Llama, mon
 
 def test_cr_rope_renumbers_the_pot_and_new_tokens_continue_from_it(model: Llama, monkeypatch) -> None:
     starts = []
-    chunk_fn = lcm.generate._prefill_chunk
+    chunk_fn = lcm.steps.prefill_chunk
 
     def spy(graphdef, params, tokens, positions, *rest, **kwargs):
         starts.append(int(np.asarray(positions)[0, 0]))
         return chunk_fn(graphdef, params, tokens, positions, *rest, **kwargs)
 
-    monkeypatch.setattr(lcm.generate, "_prefill_chunk", spy)
+    monkeypatch.setattr(lcm.steps, "prefill_chunk", spy)
     engine = Engine(model, chunk_size=8, policy=InfiniPot(budget=16, catalyst_ids=CATALYST))
     assert engine.keys_pre_rope  # CR-RoPE re-rotates stored keys from their new positions
     tokens = np.random.default_rng(6).integers(0, model.config.vocab_size, (1, 45))
@@ -187,7 +187,7 @@ def test_a_long_input_is_distilled_in_bounded_memory(model: Llama, monkeypatch) 
     """The issue's "64k tokens with a 2k budget in bounded memory", at tiny scale: 20x the budget, chunk 8."""
     budget, chunk = 16, 8
     sizes = []
-    compress_fn = lcm.generate._compress
+    compress_fn = lcm.steps.compress_cache
 
     def spy(policy, cache, prompt_seen, *final):
         before = (cache.capacity, int(cache.length))
@@ -195,7 +195,7 @@ def test_a_long_input_is_distilled_in_bounded_memory(model: Llama, monkeypatch) 
         sizes.append((*before, out.capacity, int(out.length), out.num_bytes))
         return out
 
-    monkeypatch.setattr(lcm.generate, "_compress", spy)
+    monkeypatch.setattr(lcm.steps, "compress_cache", spy)
     engine = Engine(model, chunk_size=chunk, policy=InfiniPot(budget=budget, catalyst_ids=CATALYST))
     # the pot |M| = budget + chunk, plus room for the catalyst's transient entries, rounded up to chunks
     capacity = -(-(budget + chunk + len(CATALYST)) // chunk) * chunk

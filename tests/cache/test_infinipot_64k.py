@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import lcm.generate
+import lcm.steps
 from lcm.cache.infinipot import InfiniPot
 from lcm.evals.texts import stdlib_prose
 from lcm.generate import Engine
@@ -19,14 +19,14 @@ def test_64k_tokens_through_a_2k_pot_in_bounded_memory(smollm2_gguf, monkeypatch
     budget, chunk, length = 2048, 512, 65536
     policy = InfiniPot(budget=budget).with_tokenizer(tokenizer)
     cycles = []
-    compress_fn = lcm.generate._compress
+    compress_fn = lcm.steps.compress_cache
 
     def spy(policy, cache, prompt_seen, *final):
         out = compress_fn(policy, cache, prompt_seen, *final)
         cycles.append((cache.capacity, int(out.length), out.num_bytes))
         return out
 
-    monkeypatch.setattr(lcm.generate, "_compress", spy)
+    monkeypatch.setattr(lcm.steps, "compress_cache", spy)
     text = stdlib_prose()
     ids = tokenizer.encode(text)
     tokens = np.asarray((ids * (length // len(ids) + 1))[:length], np.int32)[None]

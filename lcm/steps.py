@@ -1,0 +1,148 @@
+"""The jitted programs of inference, as pure functions of ``(graphdef, params, ..., cache)``: one prefill chunk,
+a policy's probe chunk, one chunk's token NLLs, a policy's compression, one greedy decode step.
+
+:class:`lcm.generate.Engine` drives them; a custom loop (another sampler, a sharded decode, a TPU serving loop)
+can call them directly. ``graphdef`` is static, so one compiled program serves every call of the same (chunk,
+capacity) shape, and the cache is donated, so XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lcm.cache.kv import KVCache, record_novelty, token_novelty
+from lcm.cache.policies import KVPolicy, compress
+from lcm.models.llama import Llama
+
+
+def run_chunk(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens_BxC: jax.Array,
+    positions_BxC: jax.Array,
+    num_valid: jax.Array,
+    rope_seq_len: jax.Array,
+    cache: KVCache,
+    observers_BxC: jax.Array | None = None,
+    retain: bool = False,
+) -> tuple[Llama, jax.Array, KVCache]:
+    """One right-padded prefill chunk through the decoder (traced inside the jitted callers below); ``retain``:
+    the model's retaining heads score the chunk's entries into ``cache.scores`` (Locret)."""
+    model = nnx.merge(graphdef, params)
+    hidden_BxCxD, cache = model.hidden_states(
+        tokens_BxC,
+        positions_BxC,
+        cache,
+        num_valid=num_valid,
+        rope_seq_len=rope_seq_len,
+        observers=observers_BxC,
+        retain_scores=retain,
+    )
+    return model, hidden_BxCxD, cache
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("retain",), donate_argnames=("cache",))
+def prefill_chunk(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens_BxC: jax.Array,
+    positions_BxC: jax.Array,
+    num_valid: jax.Array,
+    rope_seq_len: jax.Array,
+    cache: KVCache,
+    observers_BxC: jax.Array | None = None,
+    previous_logits_BxV: jax.Array | None = None,
+    retain: bool = False,
+) -> tuple[jax.Array, KVCache]:
+    """One prefill chunk written after the cache's filled slots; logits ``[B, V]`` at its last real token. With
+    ``cache.token_nll`` (InfiniPot's NuC) every position's logits are computed to record each token's novelty,
+    ``previous_logits_BxV`` predicting the chunk's first token."""
+    start = cache.length
+    model, hidden_BxCxD, cache = run_chunk(
+        graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache, observers_BxC, retain
+    )
+    if cache.token_nll is None:
+        last_BxD = jax.lax.dynamic_index_in_dim(hidden_BxCxD, num_valid - 1, axis=1, keepdims=False)
+        return model.logits(last_BxD), cache
+    # a policy ranks entries by their token's NLL (InfiniPot's NuC): every position's logits are needed
+    logits_BxCxV = model.logits(hidden_BxCxD)
+    cache = record_novelty(cache, start, token_novelty(tokens_BxC, logits_BxCxV, previous_logits_BxV))
+    return jax.lax.dynamic_index_in_dim(logits_BxCxV, num_valid - 1, axis=1, keepdims=False), cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+def probe_chunk(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens_BxP: jax.Array,
+    positions_BxP: jax.Array,
+    rope_seq_len: jax.Array,
+    cache: KVCache,
+) -> KVCache:
+    """A policy's probe (InfiniPot's catalyst prompt) fed after the filled slots on zeroed scores, its queries the
+    only observers; its own entries are dropped again (``length`` set back, so they count as empty and the next
+    chunk overwrites them). ``cache.scores`` is then the attention each cached key receives from the probe."""
+    length = cache.length
+    cache = dataclasses.replace(cache, scores=jnp.zeros(cache.keys.shape[:4], jnp.float32))
+    observers_BxP = jnp.ones(tokens_BxP.shape, bool)
+    num_valid = jnp.int32(tokens_BxP.shape[1])
+    _, _, cache = run_chunk(graphdef, params, tokens_BxP, positions_BxP, num_valid, rope_seq_len, cache, observers_BxP)
+    return dataclasses.replace(cache, length=length)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+def nll_chunk(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens_BxC: jax.Array,
+    targets_BxC: jax.Array,
+    positions_BxC: jax.Array,
+    num_valid: jax.Array,
+    rope_seq_len: jax.Array,
+    cache: KVCache,
+) -> tuple[jax.Array, KVCache]:
+    """One chunk through the decoder; ``[B, C]`` NLLs of ``targets_BxC`` (the next tokens) under its logits."""
+    model, hidden_BxCxD, cache = run_chunk(graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache)
+    logits_BxCxV = model.logits(hidden_BxCxD)
+    logprobs = jax.nn.log_softmax(logits_BxCxV, axis=-1)
+    nll_BxC = -jnp.take_along_axis(logprobs, targets_BxC[..., None], axis=-1)[..., 0]
+    return nll_BxC, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnames=("cache",))
+def compress_cache(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array, final: bool = False) -> KVCache:
+    """:func:`lcm.cache.policies.compress` jitted, the policy static: the cache compacted to the policy's budget."""
+    return compress(policy, cache, prompt_seen, final)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def shrink_cache(cache: KVCache, capacity: int) -> KVCache:
+    """The first ``capacity`` slots of every buffer (after eviction the rest is empty)."""
+
+    def cut(x: jax.Array | None, axis: int) -> jax.Array | None:
+        return None if x is None else jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
+
+    return dataclasses.replace(
+        cache,
+        keys=cut(cache.keys, 3),
+        values=cut(cache.values, 3),
+        scores=cut(cache.scores, 3),
+        token_nll=cut(cache.token_nll, 3),
+        positions=cut(cache.positions, 1),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+def decode_step(
+    graphdef: nnx.GraphDef, params: nnx.State, token_B: jax.Array, position_B: jax.Array, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
+    """One greedy step: ``token_B`` at ``position_B`` written into the cache's next slot; the argmax next token."""
+    model = nnx.merge(graphdef, params)
+    hidden_Bx1xD, cache = model.hidden_states(token_B[:, None], position_B[:, None], cache)
+    logits_BxV = model.logits(hidden_Bx1xD[:, 0])
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), cache
