@@ -203,6 +203,20 @@ def test_resolve_names_and_errors() -> None:
     q, k, v = _qkv(5, 1, 16, 16, 2, 1, 16)
     with pytest.raises(ValueError, match="cpu_kv_block=24 must be a multiple of 16"):
         api.attention(q, k, v, cpu_kv_block=24, implementation="cpu")
+    with pytest.raises(ValueError, match="cpu_long_keys=-1 must be >= 0"):
+        api.attention(q, k, v, cpu_long_keys=-1, implementation="cpu")
+
+
+def test_long_query_tiles_past_the_key_threshold() -> None:
+    """A SmolLM2-shaped late prefill chunk (256 queries after 700 keys): 128-query tiles once a call sees
+    ``cpu_long_keys`` keys give the reference's result, and so does a threshold the call stays below."""
+    _require("cpu")
+    q, k, v = _qkv(3, 1, 256, 1024, 9, 3, 64)
+    kwargs = {"q_offset": 700, "kv_length": 956}
+    want = reference_attention(q, k, v, **kwargs)
+    for long_keys in (956, 957, 0):  # at the threshold, just below it, never
+        got = api.attention(q, k, v, **kwargs, cpu_long_q_block=128, cpu_long_keys=long_keys, implementation="cpu")
+        np.testing.assert_allclose(got, want, **F32_TOL, err_msg=f"cpu_long_keys={long_keys}")
 
 
 def test_model_logits_equal_across_implementations() -> None:
@@ -241,10 +255,11 @@ def test_bad_implementation_name_in_config() -> None:
     mask=st.tuples(st.one_of(st.none(), st.integers(1, 50)), st.integers(0, 12)),
     tiles=st.tuples(st.integers(1, 70), st.sampled_from([16, 32, 48]), st.sampled_from([0, 16, 40])),
     padding=st.one_of(st.none(), st.lists(st.floats(0, 1), min_size=2, max_size=2)),
+    long_tiles=st.tuples(st.integers(1, 70), st.sampled_from([0, 1, 40, 100])),
 )
-def test_cpu_kernel_matches_reference_hypothesis(shape, cache, mask, tiles, padding) -> None:
-    """Forward only, any query count, offset, filled length, window, sinks, tile sizes, split-K size and left
-    padding (each row's prompt starting anywhere in the cache)."""
+def test_cpu_kernel_matches_reference_hypothesis(shape, cache, mask, tiles, padding, long_tiles) -> None:
+    """Forward only, any query count, offset, filled length, window, sinks, tile sizes, split-K size, left
+    padding (each row's prompt starting anywhere in the cache) and long query tiles past any number of keys."""
     _require("cpu")
     (batch, t, (h, kh)), (q_offset, extra), (window, sinks), (q_block, kv_block, split) = shape, cache, mask, tiles
     s = q_offset + t + extra // 2
@@ -254,5 +269,6 @@ def test_cpu_kernel_matches_reference_hypothesis(shape, cache, mask, tiles, padd
     if padding is not None:
         kwargs["kv_start"] = jnp.asarray([int(f * s) for f in padding[:batch]], jnp.int32)
     tiles = {"cpu_q_block": q_block, "cpu_kv_block": kv_block, "cpu_min_split_keys": split}
+    tiles |= {"cpu_long_q_block": long_tiles[0], "cpu_long_keys": long_tiles[1]}
     got = api.attention(q, k, v, **kwargs, **tiles, implementation="cpu")
     np.testing.assert_allclose(got, reference_attention(q, k, v, **kwargs), **F32_TOL)

@@ -18,7 +18,7 @@ from lcm.kernels.attention import cpu
 from lcm.kernels.dispatch import Dispatch
 from lcm.ops.attention import chunked_attention
 
-_CPU_ONLY = ("cpu_q_block", "cpu_kv_block", "cpu_min_split_keys")
+_CPU_ONLY = ("cpu_q_block", "cpu_kv_block", "cpu_min_split_keys", "cpu_long_q_block", "cpu_long_keys")
 
 
 def _xla(*args: Any, **kwargs: Any) -> Any:

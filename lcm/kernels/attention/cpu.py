@@ -44,6 +44,8 @@ from lcm.ops.masks import check_kv_start
 SOURCE = Path(__file__).with_name("cpu_flash.cc")
 TARGET = "lcm_cpu_flash_attention"
 Q_BLOCK = 64  # queries per task: with 3 grouped heads a 192 x 64 score tile (BENCHMARKS.md)
+LONG_Q_BLOCK = 128  # queries per task in a call that sees LONG_KEYS keys or more: fewer passes over them
+LONG_KEYS = 8192  # (BENCHMARKS.md: 128-query tiles are 16% faster over a 16k prefill, a tie at 8k, slower at 2k)
 KV_BLOCK = 64  # keys per inner step
 MIN_SPLIT_KEYS = 256  # split-K (decode): the fewest keys per split; shorter splits cost more to set up than they save
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -106,7 +108,7 @@ def available() -> bool:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12, 13))
-def _flash(q, k, v, layer, q_offset, kv_length, kv_start, window, sinks, scale, q_block, kv_block, split, xla_kwargs):
+def _flash(q, k, v, layer, q_offset, kv_length, kv_start, window, sinks, scale, q_blocks, kv_block, split, xla_kwargs):
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
     return call(
         q,
@@ -118,7 +120,9 @@ def _flash(q, k, v, layer, q_offset, kv_length, kv_start, window, sinks, scale, 
         kv_start,
         window=np.int64(-1 if window is None else window),
         sinks=np.int64(sinks),
-        q_tile=np.int64(q_block),
+        q_tile=np.int64(q_blocks[0]),
+        long_q_tile=np.int64(q_blocks[1]),
+        long_keys=np.int64(q_blocks[2]),
         kv_block=np.int64(kv_block),
         min_split_keys=np.int64(split),
         scale=np.float32(scale),
@@ -130,7 +134,7 @@ def _flash_fwd(q, k, v, layer, q_offset, kv_length, kv_start, *static):
     return _flash(*residuals, *static), residuals
 
 
-def _flash_bwd(window, sinks, scale, q_block, kv_block, split, xla_kwargs, residuals, d_out):
+def _flash_bwd(window, sinks, scale, q_blocks, kv_block, split, xla_kwargs, residuals, d_out):
     """The XLA path's FlashAttention-2 backward (it recomputes the forward's statistics)."""
     q, k, v, layer, q_offset, kv_length, kv_start = residuals
 
@@ -179,11 +183,14 @@ def cpu_flash_attention(
     cpu_q_block: int = Q_BLOCK,
     cpu_kv_block: int = KV_BLOCK,
     cpu_min_split_keys: int = MIN_SPLIT_KEYS,
+    cpu_long_q_block: int = LONG_Q_BLOCK,
+    cpu_long_keys: int = LONG_KEYS,
 ) -> Float[Array, "B T H D"]:
     """:func:`lcm.ops.attention.chunked_attention` (same arguments, same result to float32 rounding) on the CPU
     kernel. ``q_block``/``kv_block`` are the XLA path's tiles, used only by the backward; the kernel tiles with
-    ``cpu_q_block`` queries x ``cpu_kv_block`` keys; when there are fewer tiles than twice the threads (decode
-    steps), keys are split across tasks, at least ``cpu_min_split_keys`` per split (0: never split). Raises
+    ``cpu_q_block`` queries x ``cpu_kv_block`` keys, or ``cpu_long_q_block`` queries in a call that sees at least
+    ``cpu_long_keys`` keys (0: never); when there are fewer tiles than twice the threads (decode steps), keys are
+    split across tasks, at least ``cpu_min_split_keys`` per split (0: never split). Raises
     ``NotImplementedError`` where the module docstring says it declines."""
     head_dim = q.shape[3]
     if q_segments is not None or k_segments is not None:
@@ -192,11 +199,13 @@ def cpu_flash_attention(
         raise NotImplementedError(f"the CPU kernel is float32 only, got {q.dtype}/{k.dtype}/{v.dtype}")
     if head_dim % 16:
         raise NotImplementedError(f"the CPU kernel needs head_dim % 16 == 0, got {head_dim}")
-    if cpu_kv_block <= 0 or cpu_kv_block % 16 or cpu_q_block <= 0 or cpu_min_split_keys < 0:
+    if cpu_kv_block <= 0 or cpu_kv_block % 16 or min(cpu_q_block, cpu_long_q_block) <= 0:
         raise ValueError(
-            f"cpu_kv_block={cpu_kv_block} must be a multiple of 16, cpu_q_block={cpu_q_block} >= 1 and "
-            f"cpu_min_split_keys={cpu_min_split_keys} >= 0"
+            f"cpu_kv_block={cpu_kv_block} must be a multiple of 16, cpu_q_block={cpu_q_block} and "
+            f"cpu_long_q_block={cpu_long_q_block} >= 1"
         )
+    if cpu_min_split_keys < 0 or cpu_long_keys < 0:
+        raise ValueError(f"cpu_min_split_keys={cpu_min_split_keys} and cpu_long_keys={cpu_long_keys} must be >= 0")
     if not available():
         raise NotImplementedError("the CPU kernel is not available here (see the warning)")
     k, v, layer = stacked_cache(q, k, v, heads_first=heads_first, layer=layer, sinks=sinks)
@@ -218,7 +227,7 @@ def cpu_flash_attention(
         window,
         sinks,
         scale,
-        cpu_q_block,
+        (cpu_q_block, cpu_long_q_block, cpu_long_keys),
         cpu_kv_block,
         cpu_min_split_keys,
         xla_kwargs,

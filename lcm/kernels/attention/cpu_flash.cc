@@ -374,7 +374,8 @@ ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> q_offset,
                         ffi::Buffer<ffi::S32> kv_length, ffi::Buffer<ffi::S32> kv_start,
                         ffi::ResultBuffer<ffi::F32> out, int64_t window, int64_t sinks, int64_t q_tile,
-                        int64_t kv_block, int64_t min_split_keys, float scale) {
+                        int64_t long_q_tile, int64_t long_keys, int64_t kv_block, int64_t min_split_keys,
+                        float scale) {
   const auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 5) return ffi::Error::InvalidArgument("q must be [B,T,H,D], k [L,B,K,S,D]");
   Problem p;
@@ -394,17 +395,20 @@ ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   p.q_offset = q_offset.typed_data()[0];
   p.kv_length = std::min<int64_t>(kv_length.typed_data()[0], p.cap);
   p.window = window; p.sinks = sinks;
-  p.q_tile = q_tile; p.kv_block = kv_block; p.scale = scale;
-  if (p.dim % 16 || kv_block % 16 || kv_block <= 0 || q_tile <= 0)
+  p.kv_block = kv_block; p.scale = scale;
+  if (p.dim % 16 || kv_block % 16 || kv_block <= 0 || q_tile <= 0 || long_q_tile <= 0)
     return ffi::Error::InvalidArgument("head_dim and kv_block must be positive multiples of 16");
 
+  // Every query tile reads the keys and values it sees once: a call that sees many keys (a late chunk of a long
+  // prefill) takes longer tiles, which read them fewer times (BENCHMARKS.md: -16% at 16k, even at 8k).
+  const int64_t keys = std::min({p.q_offset + p.q_len, p.kv_length, p.cap});
+  p.q_tile = long_keys > 0 && keys >= long_keys ? long_q_tile : q_tile;
   const int64_t tiles = (p.q_len + p.q_tile - 1) / p.q_tile;
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
   // Split-K when there are fewer tiles than threads to keep busy (a decode step has one tile per KV head): the
   // visible keys are cut into whole key blocks, at least min_split_keys each, so that every thread gets ~4 items.
   std::vector<float> partial;
   const int64_t base_items = p.batch * p.kv_heads * tiles;
-  const int64_t keys = std::min({p.q_offset + p.q_len, p.kv_length, p.cap});
   if (base_items < 2 * threads && keys > 0 && min_split_keys > 0) {
     const int64_t want = (4 * threads + base_items - 1) / base_items;
     const int64_t blocks = (keys + kv_block - 1) / kv_block;
@@ -459,6 +463,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcmCpuFlashForward, FlashForward,
                                   .Attr<int64_t>("window")
                                   .Attr<int64_t>("sinks")
                                   .Attr<int64_t>("q_tile")
+                                  .Attr<int64_t>("long_q_tile")
+                                  .Attr<int64_t>("long_keys")
                                   .Attr<int64_t>("kv_block")
                                   .Attr<int64_t>("min_split_keys")
                                   .Attr<float>("scale"));
