@@ -74,6 +74,23 @@ def test_markdown_reports_ratios_rates_and_token_agreement() -> None:
     assert "| 4096 | 20.00 | — | — |" in text
 
 
+def test_repeated_cells_report_medians_and_every_run() -> None:
+    runs = [{"prefill_s": 9.0, "decode_ms": 30.0, "first_token": 1}, {"prefill_s": 5.0, "decode_ms": 50.0}]
+    runs.append({"prefill_s": 7.0, "decode_ms": 40.0, "first_token": 3})
+    cell = bench.median_cell(runs)
+    assert cell["prefill_s"] == 7.0 and cell["decode_ms"] == 40.0 and cell["first_token"] == 3  # the median run
+    assert cell["prefill_runs"] == [9.0, 5.0, 7.0]  # in the order they ran
+    assert bench.median_cell(runs[:1]) == runs[0]  # one run: as it is
+    two = bench.median_cell(runs[:2])
+    assert two["prefill_s"] == 7.0 and two["decode_ms"] == 40.0  # an even count: the mean of the middle two
+    report = {"date": "d", "device": "cpu", "versions": {}, "matmul_peak_gflops": {"xla": 1.0}, "config": "c"}
+    report |= {"decode_steps": 3, "command": "x", "rows": [{"length": 8, "flops": 1.0, "lcm": cell}]}
+    report["rows"][0]["transformers"] = bench.median_cell([{"prefill_s": 8.0}, {"prefill_s": 10.0}])
+    text = bench.markdown(report)
+    assert "| 8 | 7.00 | 9.00 | 0.78 |" in text
+    assert "every run's prefill, in order: 8: lcm [9.0, 5.0, 7.0] s, transformers [8.0, 10.0] s." in text
+
+
 def test_bench_cli_rejects_an_unknown_engine(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "cpu-inference", "--engines", "lcm,llama.cpp"])
