@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--q-tile", type=int, default=cpu.Q_BLOCK)
     parser.add_argument("--kv-block", type=int, default=cpu.KV_BLOCK)
+    parser.add_argument("--long-q-tile", type=int, default=cpu.LONG_Q_BLOCK, help="query tile past --long-keys keys")
+    parser.add_argument("--long-keys", type=int, default=cpu.LONG_KEYS, help="0: never the long tile")
     args = parser.parse_args(argv)
     if args.length <= 0 or args.length % CHUNK:
         parser.error(f"--length={args.length} must be a positive multiple of {CHUNK}")
@@ -77,9 +79,11 @@ def main(argv: list[str] | None = None) -> None:
         def run(q, k, v, offset):
             call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(q.shape, q.dtype))
             return call(
-                q, k, v, jnp.int32(0), offset, offset + CHUNK,
+                q, k, v, jnp.int32(0), offset, offset + CHUNK, jnp.zeros((1,), jnp.int32),
                 window=np.int64(-1), sinks=np.int64(0), q_tile=np.int64(args.q_tile),
-                kv_block=np.int64(args.kv_block), scale=np.float32(HEAD_DIM**-0.5),
+                long_q_tile=np.int64(args.long_q_tile), long_keys=np.int64(args.long_keys),
+                kv_block=np.int64(args.kv_block), min_split_keys=np.int64(cpu.MIN_SPLIT_KEYS),
+                scale=np.float32(HEAD_DIM**-0.5),
             )  # fmt: skip
 
         return jax.jit(run)
