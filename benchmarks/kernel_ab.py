@@ -75,15 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         names = [build(source, Path(tmp), i) for i, source in enumerate(args.sources)]
 
+    tiles = cpu.Tiles(args.q_tile, args.long_q_tile, args.long_keys, args.kv_block)
+
     def program(name: str):
         def run(q, k, v, offset):
-            call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(q.shape, q.dtype))
-            return call(
-                q, k, v, jnp.int32(0), offset, offset + CHUNK, jnp.zeros((1,), jnp.int32),
-                window=np.int64(-1), sinks=np.int64(0), q_tile=np.int64(args.q_tile),
-                long_q_tile=np.int64(args.long_q_tile), long_keys=np.int64(args.long_keys),
-                kv_block=np.int64(args.kv_block), min_split_keys=np.int64(cpu.MIN_SPLIT_KEYS),
-                scale=np.float32(HEAD_DIM**-0.5),
+            return cpu.flash_call(
+                name, q, k, v, jnp.int32(0), offset, offset + CHUNK, jnp.zeros((1,), jnp.int32),
+                window=None, sinks=0, scale=HEAD_DIM**-0.5, tiles=tiles,
             )  # fmt: skip
 
         return jax.jit(run)

@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,9 +108,19 @@ def available() -> bool:
     return jax.default_backend() == "cpu" and _registered() is None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12, 13))
-def _flash(q, k, v, layer, q_offset, kv_length, kv_start, window, sinks, scale, q_blocks, kv_block, split, xla_kwargs):
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
+class Tiles(NamedTuple):
+    """The kernel's tiling of one call (static, hashable)."""
+
+    q_block: int = Q_BLOCK
+    long_q_block: int = LONG_Q_BLOCK
+    long_keys: int = LONG_KEYS
+    kv_block: int = KV_BLOCK
+    min_split_keys: int = MIN_SPLIT_KEYS
+
+
+def flash_call(target, q, k, v, layer, q_offset, kv_length, kv_start, *, window, sinks, scale, tiles: Tiles):
+    """The FFI call of the kernel registered as ``target`` (``benchmarks/kernel_ab.py`` registers edited builds)."""
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype))
     return call(
         q,
         k,
@@ -120,12 +131,19 @@ def _flash(q, k, v, layer, q_offset, kv_length, kv_start, window, sinks, scale, 
         kv_start,
         window=np.int64(-1 if window is None else window),
         sinks=np.int64(sinks),
-        q_tile=np.int64(q_blocks[0]),
-        long_q_tile=np.int64(q_blocks[1]),
-        long_keys=np.int64(q_blocks[2]),
-        kv_block=np.int64(kv_block),
-        min_split_keys=np.int64(split),
+        q_tile=np.int64(tiles.q_block),
+        long_q_tile=np.int64(tiles.long_q_block),
+        long_keys=np.int64(tiles.long_keys),
+        kv_block=np.int64(tiles.kv_block),
+        min_split_keys=np.int64(tiles.min_split_keys),
         scale=np.float32(scale),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _flash(q, k, v, layer, q_offset, kv_length, kv_start, window, sinks, scale, tiles, xla_kwargs):
+    return flash_call(
+        TARGET, q, k, v, layer, q_offset, kv_length, kv_start, window=window, sinks=sinks, scale=scale, tiles=tiles
     )
 
 
@@ -134,7 +152,7 @@ def _flash_fwd(q, k, v, layer, q_offset, kv_length, kv_start, *static):
     return _flash(*residuals, *static), residuals
 
 
-def _flash_bwd(window, sinks, scale, q_blocks, kv_block, split, xla_kwargs, residuals, d_out):
+def _flash_bwd(window, sinks, scale, tiles, xla_kwargs, residuals, d_out):
     """The XLA path's FlashAttention-2 backward (it recomputes the forward's statistics)."""
     q, k, v, layer, q_offset, kv_length, kv_start = residuals
 
@@ -227,8 +245,6 @@ def cpu_flash_attention(
         window,
         sinks,
         scale,
-        (cpu_q_block, cpu_long_q_block, cpu_long_keys),
-        cpu_kv_block,
-        cpu_min_split_keys,
+        Tiles(cpu_q_block, cpu_long_q_block, cpu_long_keys, cpu_kv_block, cpu_min_split_keys),
         xla_kwargs,
     )

@@ -397,10 +397,10 @@ ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   p.window = window; p.sinks = sinks;
   p.kv_block = kv_block; p.scale = scale;
   if (p.dim % 16 || kv_block % 16 || kv_block <= 0 || q_tile <= 0 || long_q_tile <= 0)
-    return ffi::Error::InvalidArgument("head_dim and kv_block must be positive multiples of 16");
+    return ffi::Error::InvalidArgument("head_dim and kv_block must be positive multiples of 16, the q tiles positive");
 
   // Every query tile reads the keys and values it sees once: a call that sees many keys (a late chunk of a long
-  // prefill) takes longer tiles, which read them fewer times (BENCHMARKS.md: -16% at 16k, even at 8k).
+  // prefill) takes longer tiles, which read them fewer times (BENCHMARKS.md: -16% over a 16k prefill, a tie at 8k).
   const int64_t keys = std::min({p.q_offset + p.q_len, p.kv_length, p.cap});
   p.q_tile = long_keys > 0 && keys >= long_keys ? long_q_tile : q_tile;
   const int64_t tiles = (p.q_len + p.q_tile - 1) / p.q_tile;
