@@ -17,7 +17,12 @@ from flax import nnx
 
 from lcm.cache.kv import KVCache, record_novelty, token_novelty
 from lcm.cache.policies import KVPolicy, compress
+from lcm.io.compile_cache import persistent_jit
+from lcm.kernels.attention.api import register_custom_calls
 from lcm.models.llama import Llama
+
+# jax.jit, plus executables kept on disk while the compilation cache is on: a later process loads them untraced
+_jit = functools.partial(persistent_jit, before_load=register_custom_calls)
 
 
 def run_chunk(
@@ -46,7 +51,7 @@ def run_chunk(
     return model, hidden_BxCxD, cache
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("retain",), donate_argnames=("cache",))
+@_jit(static_argnums=(0,), static_argnames=("retain",), donate_argnames=("cache",))
 def prefill_chunk(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -75,7 +80,7 @@ def prefill_chunk(
     return jax.lax.dynamic_index_in_dim(logits_BxCxV, num_valid - 1, axis=1, keepdims=False), cache
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+@_jit(static_argnums=(0,), donate_argnames=("cache",))
 def probe_chunk(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -95,7 +100,7 @@ def probe_chunk(
     return dataclasses.replace(cache, length=length)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+@_jit(static_argnums=(0,), donate_argnames=("cache",))
 def nll_chunk(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -114,13 +119,13 @@ def nll_chunk(
     return nll_BxC, cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnames=("cache",))
+@_jit(static_argnums=(0, 3), donate_argnames=("cache",))
 def compress_cache(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array, final: bool = False) -> KVCache:
     """:func:`lcm.cache.policies.compress` jitted, the policy static: the cache compacted to the policy's budget."""
     return compress(policy, cache, prompt_seen, final)
 
 
-@functools.partial(jax.jit, static_argnums=1)
+@_jit(static_argnums=(1,))
 def shrink_cache(cache: KVCache, capacity: int) -> KVCache:
     """The first ``capacity`` slots of every buffer (after eviction the rest is empty)."""
 
@@ -137,7 +142,7 @@ def shrink_cache(cache: KVCache, capacity: int) -> KVCache:
     )
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+@_jit(static_argnums=(0,), donate_argnames=("cache",))
 def decode_step(
     graphdef: nnx.GraphDef, params: nnx.State, token_B: jax.Array, position_B: jax.Array, cache: KVCache
 ) -> tuple[jax.Array, KVCache]:

@@ -31,6 +31,12 @@ IMPLEMENTATIONS = DISPATCH.implementations
 resolve = DISPATCH.resolve
 
 
+def register_custom_calls() -> None:
+    """Register every backend's custom calls that this process can run. Tracing a call registers its kernel;
+    an executable loaded from disk without tracing (``lcm.io.compile_cache.persistent_jit``) needs this first."""
+    cpu.available()
+
+
 def attention(*args: Any, implementation: str | Sequence[str] = "auto", **kwargs: Any) -> Any:
     """:func:`lcm.ops.attention.chunked_attention`'s call, by the first implementation that takes it."""
     return DISPATCH(*args, implementation=implementation, **kwargs)
