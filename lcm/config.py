@@ -25,6 +25,18 @@ def _import_file(path: Path) -> Any:
     return module
 
 
+def _join_spec_parameters(items: list[str]) -> list[str]:
+    """Comma-split specs rejoined: in ``yarn:factor=2,beta_fast=16,none`` the ``k=v`` pieces without a ``:`` are
+    parameters of the spec before them (``NAME[:k=v,...]``, the grammar of ``--rope`` and ``--policy``)."""
+    specs: list[str] = []
+    for item in items:
+        if specs and ":" in specs[-1] and "=" in item and ":" not in item:
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return specs
+
+
 def _parse_like(field: str, old: Any, text: str) -> Any:
     try:
         if isinstance(old, bool):
@@ -38,7 +50,9 @@ def _parse_like(field: str, old: Any, text: str) -> Any:
         if isinstance(old, list | tuple):
             items = [s.strip() for s in text.split(",") if s.strip()]
             kind = type(old[0]) if old else str
-            return tuple(_parse_like(field, kind(), s) if kind is not str else s for s in items)
+            if kind is str:
+                return tuple(_join_spec_parameters(items))
+            return tuple(_parse_like(field, kind(), s) for s in items)
         if old is None or isinstance(old, str):
             return text
     except ValueError:

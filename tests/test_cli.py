@@ -73,6 +73,11 @@ def test_configs_load_and_override() -> None:
     assert tuple(cfg.passkey.lengths) == (512, 1024) and cfg.dtype == "bfloat16"
     cpu = load_config(str(REPO / "configs/rope_16k.py:cpu"))
     assert cpu.passkey.trials == 1 and "yarn:factor=2" in cpu.rope
+    # a spec's own parameters are comma-separated too: they stay with their spec
+    specs = load_config(
+        str(REPO / "configs/rope_16k.py"), ["--config.rope=none,yarn:factor=2,beta_fast=16,ntk:factor=4"]
+    )
+    assert tuple(specs.rope) == ("none", "yarn:factor=2,beta_fast=16", "ntk:factor=4")
 
 
 def test_real_model_passkey_1k_2k_ten_of_ten(capsys: pytest.CaptureFixture[str], smollm2_gguf: Path) -> None:
