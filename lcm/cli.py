@@ -254,7 +254,7 @@ JOBS: dict[str, Callable[..., Any]] = {}
 def _jobs() -> dict[str, Callable[..., Any]]:
     from lcm.evals.grid import run_grid_job
     from lcm.evals.suite import run_suite
-    from lcm.train.locret import run_locret_job
+    from lcm.train.locret_run import run_locret_job
 
     return {"long_context_suite": run_suite, "eval_grid": run_grid_job, "locret_train": run_locret_job, **JOBS}
 

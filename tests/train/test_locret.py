@@ -1,4 +1,4 @@
-"""Locret training (lcm.train.locret) and the heads on disk (lcm.io.retaining).
+"""Locret training (lcm.train.locret, lcm.train.locret_run) and the heads on disk (lcm.io.retaining).
 
 The layer-by-layer forward against the model's own forward; CIS labels against brute-force numpy (the function on
 random rotated projections, and layer 0 of a tiny model computed from its weights, RoPE included); the loss against
@@ -26,10 +26,10 @@ from lcm.train.locret import (
     make_train_step,
     retaining_loss,
     top_overlap,
-    train_on_streams,
 )
 from lcm.train.locret_data import make_sample, split_streams
 from lcm.train.locret_labels import backbone_of, causal_importance, layerwise_pass, make_example_fn
+from lcm.train.locret_run import train_on_streams
 
 TINY = LlamaConfig(
     vocab_size=101,
