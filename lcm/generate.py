@@ -45,12 +45,20 @@ class Engine:
     per layer and KV head; a policy that renumbers positions stores keys pre-RoPE and numbers entries by slot.
     A policy may ask for a probe chunk before each compression (:meth:`KVPolicy.probe_tokens`, InfiniPot's
     catalyst prompt) and for every entry's token NLL (``needs_nll``, InfiniPot's NuC).
+
+    ``reuse_prefix``: :meth:`generate` keeps its final cache, and a next prompt of the same shape that begins with
+    the same whole chunks (the passkey trials of one length share everything before their needles) starts its
+    prefill after them instead of recomputing them. Under the full cache this changes no bit of the result: the
+    keys and values of a chunk depend only on the tokens up to it, and the reused chunks were computed by the same
+    program from the same inputs. Off by default, since it makes ``last_prefill_seconds`` the time of the chunks
+    actually run and keeps the last cache alive between calls; policies other than ``full`` never reuse.
     """
 
     model: Llama
     chunk_size: int = 512
     keys_pre_rope: bool = False
     policy: KVPolicy = dataclasses.field(default_factory=KVPolicy)
+    reuse_prefix: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -69,6 +77,8 @@ class Engine:
         # what the last generate() measured: its prompt cache at its largest, prefill and decode wall time
         self.last_cache_bytes, self.last_decode_steps = 0, 0
         self.last_prefill_seconds = self.last_decode_seconds = 0.0
+        self.last_reused_tokens = 0  # prompt tokens the last generate() took from the previous one's cache
+        self._previous: tuple[np.ndarray, KVCache] | None = None  # (prompt, final cache) kept by reuse_prefix
 
     def prompt_capacity(self, length: int) -> int:
         """Cache slots the prefill of ``length`` tokens needs under the policy (before any generated token): a
@@ -134,16 +144,24 @@ class Engine:
             return slots
         return np.maximum(slots - np.asarray(cache.starts)[:, None], 0)
 
-    def prefill(self, tokens: np.ndarray, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def prefill(self, tokens: np.ndarray, cache: KVCache, start: int = 0) -> tuple[jax.Array, KVCache]:
         """Feed ``tokens [B, T]`` (positions ``0…T-1``) chunk by chunk; logits ``[B, V]`` at the last one.
 
         Under a bounded policy the cache is compacted to ``policy.budget`` entries after every chunk (streaming
         policies) or after the last; queries keep their absolute positions, or take their slot when the policy
-        renumbers.
+        renumbers. ``start`` (a multiple of ``chunk_size``, full-cache policy only) skips the chunks before it:
+        ``cache`` must already hold the first ``start`` tokens, as a cache of the same prompt (prefix) does.
         """
         tokens = self._check_tokens(tokens)
         batch, length = tokens.shape
         policy = self.policy
+        if start and (start % self.chunk_size or not 0 < start < length or not self._reusable(cache.starts)):
+            raise ValueError(
+                f"prefill start={start} must be a multiple of chunk_size={self.chunk_size} below the prompt's "
+                f"{length} tokens, on an unpadded cache under the full-cache policy (got policy {policy.name!r})"
+            )
+        if start and int(cache.length) != start:
+            raise ValueError(f"prefill start={start} needs a cache holding exactly {start} tokens, got {cache.length}")
         needed = _round_up(self.prompt_capacity(length), self.chunk_size)
         if needed > cache.capacity:
             raise ValueError(
@@ -162,7 +180,10 @@ class Engine:
         previous = None if cache.token_nll is None else jnp.zeros((batch, self.config.vocab_size), jnp.float32)
         # the last `tail` prompt tokens are fed after the last compression and never evicted (Locret's n_loc)
         evict_end = length - min(policy.tail_tokens(), length) if policy.bounded else length
+        skip = start
         for start, n in self._chunks(length, evict_end):
+            if start < skip:  # already in the cache (reuse_prefix)
+                continue
             chunk = self._pad(tokens, start, n)
             if policy.renumber:
                 positions = np.broadcast_to(np.arange(filled, filled + self.chunk_size, dtype=np.int32), chunk.shape)
@@ -216,11 +237,20 @@ class Engine:
     def _complete(
         self, tokens: np.ndarray, starts: np.ndarray | None, max_new_tokens: int, stop_ids: Sequence[int]
     ) -> np.ndarray:
-        """Prefill into a fresh cache sized for the policy, shrink it to what is kept, decode greedily."""
+        """Prefill into a fresh cache sized for the policy (or the previous prompt's, :attr:`reuse_prefix`),
+        shrink it to what is kept, decode greedily."""
         batch, length = tokens.shape
         started = time.perf_counter()
-        cache = self.new_cache(batch, self.prompt_capacity(length) + max_new_tokens, starts)
-        logits, cache = self.prefill(tokens, cache)
+        capacity = self.prompt_capacity(length) + max_new_tokens
+        previous, self._previous = self._previous, None  # dropped before a new cache is made: one alive at a time
+        reused = self._shared_chunks(previous, tokens, capacity) if self.reuse_prefix and self._reusable(starts) else 0
+        if reused:
+            cache = dataclasses.replace(previous[1], length=jnp.int32(reused))
+        else:
+            del previous
+            cache = self.new_cache(batch, capacity, starts)
+        self.last_reused_tokens = reused
+        logits, cache = self.prefill(tokens, cache, start=reused)
         jax.block_until_ready(logits)
         self.last_prefill_seconds = time.perf_counter() - started
         self.last_cache_bytes = cache.num_bytes  # the prompt's cache at its largest, for memory reports
@@ -232,9 +262,30 @@ class Engine:
         first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         position = filled if self.policy.renumber else length
         started = time.perf_counter()
-        out = self.decode(first, position, cache, max_new_tokens, stop_ids)[0]
+        out, cache = self.decode(first, position, cache, max_new_tokens, stop_ids)
         self.last_decode_seconds, self.last_decode_steps = time.perf_counter() - started, out.shape[1] - 1
+        if self.reuse_prefix and self._reusable(starts):
+            self._previous = (tokens.copy(), cache)
         return out
+
+    def _reusable(self, starts: np.ndarray | jax.Array | None) -> bool:
+        """Whether a cache's prefix can serve another prompt: unpadded rows, a policy that keeps every entry as
+        computed (no eviction, no scores, no per-step selection)."""
+        policy = self.policy
+        plain = not (policy.bounded or policy.needs_scores or policy.needs_nll or policy.retaining or policy.renumber)
+        return starts is None and plain and policy.attention_rule() is None
+
+    def _shared_chunks(self, previous: tuple[np.ndarray, KVCache] | None, tokens: np.ndarray, capacity: int) -> int:
+        """Prompt tokens that ``previous`` (prompt, cache) already holds for ``tokens``: its whole chunks in common,
+        short of the last chunk (which yields the logits); 0 unless shapes, hence capacity and RoPE length, agree."""
+        if previous is None:
+            return 0
+        old, cache = previous
+        if old.shape != tokens.shape or cache.capacity != _round_up(capacity, self.chunk_size):
+            return 0
+        differs = np.flatnonzero((old != tokens).any(axis=0))
+        common = int(differs[0]) if differs.size else tokens.shape[1]
+        return min(common, tokens.shape[1] - 1) // self.chunk_size * self.chunk_size
 
     def generate_many(
         self,

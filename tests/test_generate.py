@@ -247,3 +247,52 @@ def test_generate_many_cuts_each_row_after_its_stop_token(model: Llama) -> None:
     for whole, out in zip(full, outputs, strict=True):
         hits = np.flatnonzero(whole == stop)
         np.testing.assert_array_equal(out, whole[: hits[0] + 1] if hits.size else whole)
+
+
+# --- reuse_prefix: the previous prompt's cache serves the chunks a next prompt shares with it ----------------------
+
+
+@pytest.mark.parametrize("implementation", ["xla", "auto"])
+def test_reuse_prefix_changes_no_bit(implementation: str) -> None:
+    """A prompt sharing 21 tokens with the previous one reuses its first two 8-token chunks; its tokens and its
+    whole cache are bit-identical to those of an engine that prefills it from scratch."""
+    import dataclasses
+
+    model = random_model(dataclasses.replace(TINY, attention_implementation=implementation), 0)
+    first, second = _prompts(11, 1, 40), _prompts(12, 1, 40)
+    second[:, :21] = first[:, :21]
+    reusing, fresh = Engine(model, chunk_size=8, reuse_prefix=True), Engine(model, chunk_size=8, reuse_prefix=True)
+    reusing.generate(first, NEW_TOKENS)
+    assert reusing.last_reused_tokens == 0
+    out = reusing.generate(second, NEW_TOKENS)
+    assert reusing.last_reused_tokens == 16  # whole chunks below the first difference (token 21)
+    expected = fresh.generate(second, NEW_TOKENS)
+    assert fresh.last_reused_tokens == 0
+    np.testing.assert_array_equal(out, expected)
+    filled = 40 + NEW_TOKENS - 1
+    for name in ("keys", "values", "positions"):
+        got, want = getattr(reusing._previous[1], name), getattr(fresh._previous[1], name)
+        np.testing.assert_array_equal(np.asarray(got)[..., :filled, :], np.asarray(want)[..., :filled, :], err_msg=name)
+    # the same prompt again reuses every chunk but the last; a prompt of another length reuses nothing
+    np.testing.assert_array_equal(reusing.generate(second, NEW_TOKENS), expected)
+    assert reusing.last_reused_tokens == 32
+    reusing.generate(second[:, :39], NEW_TOKENS)
+    assert reusing.last_reused_tokens == 0
+
+
+def test_reuse_prefix_is_off_by_default_and_for_bounded_policies(model: Llama) -> None:
+    from lcm.cache.policies import make_policy
+
+    prompt = _prompts(13, 1, 40)
+    plain = Engine(model, chunk_size=8)
+    plain.generate(prompt, 2)
+    plain.generate(prompt, 2)
+    assert plain.last_reused_tokens == 0 and plain._previous is None
+    bounded = Engine(model, chunk_size=8, reuse_prefix=True, policy=make_policy("streamingllm", budget=16))
+    bounded.generate(prompt, 2)
+    bounded.generate(prompt, 2)
+    assert bounded.last_reused_tokens == 0 and bounded._previous is None
+    with pytest.raises(ValueError, match="prefill start=4 must be a multiple of chunk_size=8"):
+        plain.prefill(prompt, plain.new_cache(1, 48), start=4)
+    with pytest.raises(ValueError, match="prefill start=8 needs a cache holding exactly 8 tokens, got 0"):
+        plain.prefill(prompt, plain.new_cache(1, 48), start=8)

@@ -111,25 +111,32 @@ def run_passkey(
     question: str = QUESTION,
 ) -> tuple[dict[int, float], list[PasskeyTrial]]:
     """Accuracy per length over ``trials`` seeded trials; ``depth=None`` draws a random depth per trial.
-    ``filler``, ``needle`` and ``question`` reword the prompt (see :func:`build_prompt`)."""
+    ``filler``, ``needle`` and ``question`` reword the prompt (see :func:`build_prompt`).
+
+    The trials of a length run in order of depth, so that an engine with ``reuse_prefix`` recomputes only what
+    follows the previous trial's needle (the prompts agree before it); records come back in trial order."""
     if trials <= 0:
         raise ValueError(f"trials={trials} must be positive")
     check_wording(filler, needle, question)
     records: list[PasskeyTrial] = []
     accuracy: dict[int, float] = {}
     for length in lengths:
-        correct = 0
+        prompts = []
         for trial in range(trials):
             rng = np.random.default_rng((seed, length, trial))
             key = int(rng.integers(10000, 100000))
             trial_depth = float(rng.uniform()) if depth is None else depth
-            prompt = build_prompt(tokenizer, length, key, trial_depth, filler, needle, question)
+            prompts.append(build_prompt(tokenizer, length, key, trial_depth, filler, needle, question))
+        done: dict[int, PasskeyTrial] = {}
+        for trial in sorted(range(trials), key=lambda t: prompts[t].depth):
+            prompt = prompts[trial]
             out = engine.generate(np.array(prompt.ids), max_new_tokens, stop_ids=list(tokenizer.eos_ids))[0]
             text = tokenizer.decode(out.tolist())
-            ok = first_integer(text) == key
-            correct += ok
-            records.append(PasskeyTrial(length, len(prompt.ids), trial_depth, key, text, ok))
+            done[trial] = PasskeyTrial(
+                length, len(prompt.ids), prompt.depth, prompt.key, text, first_integer(text) == prompt.key
+            )
             if progress is not None:
-                progress(records[-1])
-        accuracy[length] = correct / trials
+                progress(done[trial])
+        records.extend(done[trial] for trial in range(trials))
+        accuracy[length] = sum(done[trial].correct for trial in range(trials)) / trials
     return accuracy, records

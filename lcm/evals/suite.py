@@ -163,7 +163,8 @@ def _run_variants(
 ) -> str:
     table = ""
     for rope in cfg.rope:
-        engine = Engine(model_with_rope(model, rope), chunk_size=cfg.chunk_size)
+        # passkey trials and NIAH depths of one length share their prompts' beginnings: computed once
+        engine = Engine(model_with_rope(model, rope), chunk_size=cfg.chunk_size, reuse_prefix=True)
         all_lengths = list(cfg.passkey.lengths) + list(cfg.niah.lengths) + list(cfg.perplexity.lengths)
         warning = context_warning(model, rope, all_lengths)
         if warning:
