@@ -1,7 +1,11 @@
 """RoPE scaling at 8k-16k on SmolLM2-135M (trained to 8k): no scaling, PI, NTK, dynamic NTK and YaRN at factor 2.
 
-The GPU-sized config: on 2 CPU cores one 16k prefill takes about 5 minutes, so ``:cpu`` runs 1 passkey trial per
-length instead of 10 and perplexity at 16k only (about 10 minutes per variant).
+The GPU-sized config: on 2 CPU cores one 16k prefill takes 1.7-3.5 minutes depending on the machine's day
+(BENCHMARKS.md), one 8k passkey trial 1-2 minutes, so the whole config takes 4-6 hours there; ``:cpu`` runs 1 passkey
+trial per length instead of 10 and perplexity at 16k only. The trials of a length share their prompts up to the
+needle, which the suite computes once (``Engine(reuse_prefix=True)``). On a CPU, one variant and one length at a
+time fits a session: ``lcm run configs/rope_16k.py --config.rope=yarn:factor=2 --config.passkey.lengths=8192
+--config.perplexity.lengths=4096,8192`` (the README's table was assembled that way).
 Run: ``lcm run configs/rope_16k.py`` (GPU) or ``lcm run configs/rope_16k.py:cpu``.
 """
 

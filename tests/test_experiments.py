@@ -1,0 +1,56 @@
+"""The scripts in experiments/ that assemble tables from committed records."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _experiment(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _trial(length: int, depth: float, correct: bool) -> dict:
+    output = " 12345." if correct else " no"
+    return {"length": length, "depth": depth, "key": 12345, "output": output, "correct": correct}
+
+
+def test_rope_16k_table_merges_records_per_variant_and_length(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    table = _experiment("rope_16k_table")
+    eight = {
+        "date": "2026-12-02",
+        "device": "cpu",
+        "passkey_trials": {"yarn:factor=2": [_trial(8192, 0.5, True), _trial(8192, 0.25, False)]},
+        "perplexity": {"yarn:factor=2": [{"length": 4096, "ppl": 8.5}, {"length": 8192, "ppl": 7.25}]},
+        "seconds": {"yarn:factor=2": 600.0},
+    }
+    sixteen = {
+        "date": "2026-12-03",
+        "device": "cpu",
+        "passkey_trials": {"yarn:factor=2": [_trial(16384, 0.75, True)]},
+        "perplexity": {"yarn:factor=2": [{"length": 16384, "ppl": 6.375}]},
+        "seconds": {"yarn:factor=2": 1200.0},
+    }
+    for name, record in (("yarn_8k", eight), ("yarn_16k", sixteen)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    table.main([str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "| `yarn:factor=2` | 1/2 | 1/1 | 8.50 | 7.25 | 6.38 | 8k @ 0.25: 'no' |"
+    assert out[3] == "- `yarn:factor=2`: 30 min on cpu, 2026-12-02, 2026-12-03"
+    with pytest.raises(SystemExit, match="no records in"):
+        table.main([str(tmp_path / "empty")])
+
+
+def test_committed_rope_16k_records_are_read() -> None:
+    table = _experiment("rope_16k_table")
+    records = [json.loads(p.read_text()) for p in sorted((ROOT / "experiments/results/rope_16k").glob("*.json"))]
+    merged = table.merge(records)
+    assert "none" in merged and len(merged["none"]["trials"][8192]) == 10
