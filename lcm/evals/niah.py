@@ -101,16 +101,22 @@ def run_niah(
     chat: bool = True,
     progress=None,
 ) -> list[NeedleResult]:
+    """One prompt per length and depth, scored by :func:`answer_recall`; results in ``lengths`` x ``depths`` order.
+
+    The depths of a length run from the shallowest, so that an engine with ``reuse_prefix`` recomputes only what
+    follows the previous needle (the haystack before it is the same)."""
     haystack_ids = tokenizer.encode(haystack, add_special=False)
     results = []
     for length in lengths:
-        for depth in depths:
-            ids = build_prompt(tokenizer, haystack_ids, length, depth, task, chat)
+        done: dict[int, NeedleResult] = {}
+        for i in sorted(range(len(depths)), key=lambda i: depths[i]):
+            ids = build_prompt(tokenizer, haystack_ids, length, depths[i], task, chat)
             out = engine.generate(np.array(ids), task.max_new_tokens, stop_ids=list(tokenizer.eos_ids))[0]
             text = tokenizer.decode(out.tolist())
-            results.append(NeedleResult(length, depth, len(ids), answer_recall(text, task.answer), text))
+            done[i] = NeedleResult(length, depths[i], len(ids), answer_recall(text, task.answer), text)
             if progress is not None:
-                progress(results[-1])
+                progress(done[i])
+        results.extend(done[i] for i in range(len(depths)))
     return results
 
 

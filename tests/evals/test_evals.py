@@ -152,3 +152,48 @@ def test_suite_table_and_plots(tmp_path) -> None:
     assert table[3] == "| `ntk:factor=2` | 100% |  | 13.00 |  |"
     _plot(tmp_path, results)
     assert (tmp_path / "perplexity.png").stat().st_size > 0 and (tmp_path / "passkey.png").stat().st_size > 0
+
+
+class _RecordingEngine:
+    """Answers every prompt with the first 5-digit number in it (the passkey) or a fixed text; keeps the prompts."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.prompts = tokenizer, []
+
+    def generate(self, ids: np.ndarray, max_new_tokens: int, stop_ids=()) -> np.ndarray:
+        self.prompts.append(ids)
+        text = self.tokenizer.decode(ids.tolist())
+        key = text.split("pass key is ")[1][:6] if "pass key is " in text else "no"
+        answer = " " + "".join(c for c in key if c.isdigit() or key == "no")
+        return np.array([self.tokenizer.encode(answer, add_special=False)])
+
+
+def _shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    differs = np.flatnonzero(a[: min(len(a), len(b))] != b[: min(len(a), len(b))])
+    return int(differs[0]) if differs.size else min(len(a), len(b))
+
+
+def test_passkey_and_niah_run_shallow_depths_first_and_report_in_order(tokenizer) -> None:
+    """The order that lets ``reuse_prefix`` share prompts: each prompt agrees with the previous one up to the
+    previous needle; results keep the caller's order."""
+    engine = _RecordingEngine(tokenizer)
+    accuracy, records = passkey.run_passkey(engine, tokenizer, [1024], trials=5, seed=3)
+    assert accuracy == {1024: 1.0} and len(records) == 5
+    depths = [r.depth for r in records]
+    expected = []
+    for trial in range(5):  # trial order, as drawn from each trial's seed: the key, then the depth
+        rng = np.random.default_rng((3, 1024, trial))
+        rng.integers(10000, 100000)
+        expected.append(float(rng.uniform()))
+    np.testing.assert_allclose(depths, expected)
+    run = [passkey.build_prompt(tokenizer, 1024, r.key, r.depth).ids for r in sorted(records, key=lambda r: r.depth)]
+    assert [list(p) for p in engine.prompts] == run  # ran shallowest first
+    for a, b, depth in zip(run[:-1], run[1:], sorted(depths)[:-1], strict=True):  # the next agrees up to this needle
+        assert _shared_prefix(np.array(a), np.array(b)) > 0.9 * 1024 * depth
+
+    engine = _RecordingEngine(tokenizer)
+    results = niah.run_niah(engine, tokenizer, texts.stdlib_prose()[:20000], [512], [1.0, 0.0, 0.5])
+    assert [r.depth for r in results] == [1.0, 0.0, 0.5]
+    assert [len(p) for p in engine.prompts] == [512] * 3
+    first, second = engine.prompts[0], engine.prompts[1]
+    assert _shared_prefix(first, second) < 40 < _shared_prefix(second, engine.prompts[2])  # 0.0, then 0.5, then 1.0
