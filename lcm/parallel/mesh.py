@@ -79,7 +79,7 @@ def logical_spec(
     spec: list[tuple[str, ...] | None] = []
     for name, size in zip(axes, shape, strict=True):
         mesh_axes = tuple(a for a in rules.get(name, ()) if a not in used) if name else ()
-        mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)  # a size-1 axis shards nothing
+        mesh_axes = tuple(a for a in mesh_axes if mesh.shape.get(a, 1) > 1)  # a size-1 (or absent) axis shards nothing
         if not mesh_axes or size % math.prod(mesh.shape[a] for a in mesh_axes):
             spec.append(None)
             continue
@@ -95,11 +95,11 @@ def param_shardings(
     from the logical axes each parameter carries (``out_sharding`` metadata)."""
     state = model if isinstance(model, nnx.State) else nnx.state(model, nnx.Param)
 
-    def sharding(param: nnx.Param) -> NamedSharding:
+    def sharding(param: nnx.Variable) -> NamedSharding:
         axes = param.get_metadata().get("out_sharding") or (None,) * len(param.shape)
         return NamedSharding(mesh, logical_spec(axes, param.shape, mesh, rules))
 
-    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Param))
+    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def sharded_random_model(

@@ -31,6 +31,9 @@ def test_logical_spec_maps_names_and_replicates_what_does_not_divide() -> None:
     # a mesh axis is used once: the second "embed" of a square matrix is replicated
     assert logical_spec(("embed", "embed"), (64, 64), MESH) == PartitionSpec("fsdp", None)
     assert logical_spec((None, "unknown"), (8, 8), MESH) == PartitionSpec(None, None)
+    # a mesh of other axes (a user's own): the rules' axes that it lacks shard nothing
+    data_only = types.SimpleNamespace(shape={"data": 2})
+    assert logical_spec(("batch", "length"), (4, 8), data_only) == PartitionSpec("data", None)
     with pytest.raises(ValueError, match=r"logical axes \('embed',\) do not match shape \(4, 4\)"):
         logical_spec(("embed",), (4, 4), MESH)
 
