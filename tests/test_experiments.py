@@ -54,3 +54,10 @@ def test_committed_rope_16k_records_are_read() -> None:
     records = [json.loads(p.read_text()) for p in sorted((ROOT / "experiments/results/rope_16k").glob("*.json"))]
     merged = table.merge(records)
     assert "none" in merged and len(merged["none"]["trials"][8192]) == 10
+
+
+def test_passkey_vs_transformers_rejects_bad_arguments(capsys: pytest.CaptureFixture) -> None:
+    script = _experiment("passkey_vs_transformers")
+    with pytest.raises(SystemExit):
+        script.main(["--length", "0"])
+    assert "need a positive --length and --max-new-tokens and a non-negative --trial" in capsys.readouterr().err
