@@ -53,6 +53,8 @@ def markdown(table: dict[str, dict]) -> str:
             for t in cell["trials"].get(n, [])
             if not t["correct"]
         ]
+        if len(misses) > 2:  # a broken variant misses everything: two examples say how
+            misses = [*misses[:2], f"{len(misses) - 2} more"]
         lines.append(f"| `{spec}` | " + " | ".join(passkey + ppl) + f" | {'; '.join(misses) or '—'} |")
     return "\n".join(lines)
 

@@ -45,6 +45,12 @@ def test_rope_16k_table_merges_records_per_variant_and_length(tmp_path: Path, ca
     out = capsys.readouterr().out.splitlines()
     assert out[2] == "| `yarn:factor=2` | 1/2 | 1/1 | 8.50 | 7.25 | 6.38 | 8k @ 0.25: 'no' |"
     assert out[3] == "- `yarn:factor=2`: 30 min on cpu, 2026-12-02, 2026-12-03"
+    # a variant that misses everything gets two examples and a count
+    broken = {"passkey_trials": {"linear:factor=2": [_trial(8192, d / 10, False) for d in range(5)]}}
+    (tmp_path / "linear_8k.json").write_text(json.dumps(broken))
+    table.main([str(tmp_path)])
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row == "| `linear:factor=2` | 0/5 | — | — | — | — | 8k @ 0.00: 'no'; 8k @ 0.10: 'no'; 3 more |"
     with pytest.raises(SystemExit, match="no records in"):
         table.main([str(tmp_path / "empty")])
 
