@@ -49,8 +49,14 @@ def compilation_cache_dir() -> Path:
     return Path(os.environ.get("LCM_COMPILE_CACHE", str(default)))
 
 
-def enable_compilation_cache(directory: str | Path | None = None) -> Path:
-    """Cache every compiled program on disk (``directory`` or :func:`compilation_cache_dir`); returns the path."""
+def enable_compilation_cache(directory: str | Path | None = None, executables: bool | None = None) -> Path:
+    """Cache every compiled program on disk (``directory`` or :func:`compilation_cache_dir`); returns the path.
+
+    ``executables`` also turns on :func:`persistent_jit`'s executable cache; by default it is on only when
+    ``LCM_EXECUTABLE_CACHE=1``: a CPU executable loaded in a fresh process failed once at run time with
+    "NOT_FOUND: Function bitcast_gather_fusion not found" (2026-12-02), so it stays opt-in until that is fixed."""
+    if executables is None:
+        executables = os.environ.get("LCM_EXECUTABLE_CACHE") == "1"
     path = Path(directory) if directory is not None else compilation_cache_dir()
     if jax.config.jax_compilation_cache_dir != str(path):
         # JAX opens its cache once per process, at the first compilation: forget it so the new directory is used
@@ -59,7 +65,7 @@ def enable_compilation_cache(directory: str | Path | None = None) -> Path:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     global _executable_dir
-    _executable_dir = path / "lcm-executables"
+    _executable_dir = path / "lcm-executables" if executables else None
     return path
 
 

@@ -80,7 +80,7 @@ _SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from lcm.io.compile_cache import CompileStats, enable_compilation_cache, persistent_jit
 
-    enable_compilation_cache(sys.argv[1])
+    enable_compilation_cache(sys.argv[1], executables=True)
 
     @persistent_jit(static_argnums=(0,), donate_argnames=("state",))
     def step(power, x, state):
@@ -126,7 +126,7 @@ def test_persistent_jit_loads_the_executable_in_a_new_process_without_tracing(tm
 @pytest.fixture
 def executable_cache(tmp_path: Path):
     before = jax.config.jax_compilation_cache_dir
-    yield enable_compilation_cache(tmp_path / "xla") / "lcm-executables"
+    yield enable_compilation_cache(tmp_path / "xla", executables=True) / "lcm-executables"
     disable_executable_cache()
     if before is not None:
         enable_compilation_cache(before)
