@@ -11,6 +11,12 @@ a second run's compile time for lcm's model programs). :func:`persistent_jit` go
 inference programs (``lcm.steps``): it keys a serialised executable by what the call is made of — the function,
 its static arguments, the shapes, dtypes and shardings of the rest, the JAX and XLA versions, the device and a
 fingerprint of lcm's own source — and loads it without tracing (``jax.experimental.serialize_executable``).
+
+One rule keeps those executables sound: only a freshly compiled executable is stored. An executable that JAX itself
+loaded from its cache serialises without the compiled kernels of its fusions, and loading that copy later fails at
+run time ("NOT_FOUND: Function gather_bitcast_fusion not found"; jax 0.10.2, CPU). So persistent_jit compiles
+under a name carrying lcm's source fingerprint (a JAX cache key of its own, which a new lcm version misses), and it
+never stores an executable whose compilation was a JAX cache hit.
 """
 
 from __future__ import annotations
@@ -52,11 +58,10 @@ def compilation_cache_dir() -> Path:
 def enable_compilation_cache(directory: str | Path | None = None, executables: bool | None = None) -> Path:
     """Cache every compiled program on disk (``directory`` or :func:`compilation_cache_dir`); returns the path.
 
-    ``executables`` also turns on :func:`persistent_jit`'s executable cache; by default it is on only when
-    ``LCM_EXECUTABLE_CACHE=1``: a CPU executable loaded in a fresh process failed once at run time with
-    "NOT_FOUND: Function bitcast_gather_fusion not found" (2026-12-02), so it stays opt-in until that is fixed."""
+    ``executables`` (default: on, unless ``LCM_EXECUTABLE_CACHE=0``) also turns on :func:`persistent_jit`'s
+    executable cache, which loads lcm's inference programs without tracing them."""
     if executables is None:
-        executables = os.environ.get("LCM_EXECUTABLE_CACHE") == "1"
+        executables = os.environ.get("LCM_EXECUTABLE_CACHE", "1") != "0"
     path = Path(directory) if directory is not None else compilation_cache_dir()
     if jax.config.jax_compilation_cache_dir != str(path):
         # JAX opens its cache once per process, at the first compilation: forget it so the new directory is used
@@ -73,6 +78,28 @@ def disable_executable_cache() -> None:
     """Make :func:`persistent_jit` functions plain ``jax.jit`` again (JAX's own cache stays as it is)."""
     global _executable_dir
     _executable_dir = None
+
+
+_jax_cache_hits = threading.local()  # per thread: JAX cache hits so far (a compile runs in its caller's thread)
+
+
+def _count_jax_cache_hit(event: str, **_: Any) -> None:
+    if event == _CACHE_HIT:
+        _jax_cache_hits.count = getattr(_jax_cache_hits, "count", 0) + 1
+
+
+monitoring.register_event_listener(_count_jax_cache_hit)
+
+
+@functools.cache
+def _source_fingerprint() -> str:
+    """A hash of lcm's own source: any edit to it is a different program."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for source in sorted(root.rglob("*")):
+        if source.suffix in (".py", ".cc", ".h") and source.is_file():
+            digest.update(str(source.relative_to(root)).encode() + source.read_bytes())
+    return digest.hexdigest()
 
 
 @functools.cache
@@ -96,12 +123,8 @@ def _environment_fingerprint() -> str:
         str(jax.config.jax_default_matmul_precision),
         str(jax.config.jax_numpy_dtype_promotion),
     ]
-    digest = hashlib.sha256("\n".join(parts).encode())
-    root = Path(__file__).resolve().parents[1]  # the lcm package: any edit to it is a different program
-    for source in sorted(root.rglob("*")):
-        if source.suffix in (".py", ".cc", ".h") and source.is_file():
-            digest.update(str(source.relative_to(root)).encode() + source.read_bytes())
-    return digest.hexdigest()
+    parts.append(_source_fingerprint())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def _leaf_signature(x: Any) -> tuple[Any, ...]:
@@ -144,9 +167,10 @@ class PersistentJit:
         donate_argnames: Sequence[str] = (),
         before_load: Callable[[], Any] | None = None,
     ) -> None:
-        self._jitted = jax.jit(
-            fun, static_argnums=static_argnums, static_argnames=static_argnames, donate_argnames=donate_argnames
-        )
+        options = dict(static_argnums=static_argnums, static_argnames=static_argnames, donate_argnames=donate_argnames)
+        self._jitted = jax.jit(fun, **options)
+        self._fun, self._options = fun, options
+        self._fresh_jitted: Any = None  # the same under a versioned name, built at the first store (see module doc)
         self._static_argnums = tuple(static_argnums)
         self._static_argnames = tuple(static_argnames)
         self._name = f"{fun.__module__}.{fun.__qualname__}"
@@ -223,10 +247,14 @@ class PersistentJit:
                 compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
             except Exception as err:  # noqa: BLE001 - a stale or corrupt entry is rebuilt, never trusted
                 warnings.warn(f"lcm: ignoring unreadable cached executable {path.name}: {err}", stacklevel=3)
+                path.unlink(missing_ok=True)  # replaced below if this compile is fresh, else compiled next time
             else:
                 monitoring.record_event_duration_secs(_EXECUTABLE_LOAD, time.perf_counter() - started)
                 return compiled
-        compiled = self._jitted.lower(*args, **kwargs).compile()
+        hits_before = getattr(_jax_cache_hits, "count", 0)
+        compiled = self._versioned_jit().lower(*args, **kwargs).compile()
+        if getattr(_jax_cache_hits, "count", 0) != hits_before:
+            return compiled  # loaded by JAX from its cache: usable here, but it would not survive serialisation
         started = time.perf_counter()
         try:
             entry = pickle.dumps(serialize_executable.serialize(compiled), protocol=5)
@@ -238,6 +266,18 @@ class PersistentJit:
         partial.replace(path)  # atomic: a concurrent reader sees the whole entry or none
         monitoring.record_event_duration_secs(_EXECUTABLE_SAVE, time.perf_counter() - started)
         return compiled
+
+    def _versioned_jit(self) -> Any:
+        """``jax.jit`` of the function renamed ``<name>_lcm<source hash>``: its JAX cache key is lcm-version's own."""
+        if self._fresh_jitted is None:
+
+            @functools.wraps(self._fun)
+            def versioned(*args: Any, **kwargs: Any) -> Any:
+                return self._fun(*args, **kwargs)
+
+            versioned.__name__ = f"{getattr(self._fun, '__name__', 'fun')}_lcm{_source_fingerprint()[:12]}"
+            self._fresh_jitted = jax.jit(versioned, **self._options)
+        return self._fresh_jitted
 
 
 def persistent_jit(

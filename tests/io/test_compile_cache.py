@@ -123,6 +123,57 @@ def test_persistent_jit_loads_the_executable_in_a_new_process_without_tracing(tm
     np.testing.assert_allclose(np.array(result[:-1], np.float32), np.tanh(x) ** 3 + 0.5, atol=1e-6)
 
 
+# A program with gathers (what the failing CLI programs had), in three fresh processes sharing one cache directory.
+_GATHER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from lcm.io.compile_cache import enable_compilation_cache, persistent_jit
+
+    enable_compilation_cache(sys.argv[1], executables=sys.argv[2] == "executables")
+
+    @persistent_jit
+    def lookup(table, idx, x):
+        print("TRACED", flush=True)
+        rows = table[idx]
+        return jnp.sort(jnp.tanh(rows @ x.T).reshape(-1))[:5] + jnp.take(table.reshape(-1), idx * 3).sum()
+
+    table = jnp.asarray(np.arange(64.0, dtype=np.float32)[None, :] * np.ones((1000, 1), np.float32) / 64.0)
+    idx = jnp.asarray(np.arange(100, dtype=np.int32) * 7 % 1000)
+    x = jnp.asarray(np.linspace(-1.0, 1.0, 32 * 64, dtype=np.float32).reshape(32, 64))
+    print("RESULT", " ".join(f"{v:.8e}" for v in np.asarray(lookup(table, idx, x))))
+    """
+)
+
+
+def test_an_executable_jax_loaded_from_its_cache_is_never_stored(tmp_path: Path) -> None:
+    """Regression (2026-12-02): JAX's cache held a program, persistent_jit stored the executable JAX loaded from it,
+    and a later process failed running that copy: "NOT_FOUND: Function gather_bitcast_fusion not found"."""
+    script, cache = tmp_path / "gather.py", tmp_path / "cache"
+    script.write_text(_GATHER_SCRIPT)
+
+    def run(mode: str) -> str:
+        done = subprocess.run(
+            [sys.executable, str(script), str(cache), mode], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    plain = run("jax-only")  # JAX's cache now holds the program under its own name
+    assert not (cache / "lcm-executables").exists()
+    stored = run("executables")  # compiled afresh under the versioned name, then stored
+    entries = list((cache / "lcm-executables").glob("*.pkl"))
+    assert len(entries) == 1
+    loaded = run("executables")  # runs the stored copy: it raised NOT_FOUND before the fix
+    assert "TRACED" not in loaded
+    assert plain.split("RESULT ")[1] == stored.split("RESULT ")[1] == loaded.split("RESULT ")[1]
+
+    entries[0].unlink()  # our entry gone, JAX's copy of the versioned program still there: a JAX hit, not stored
+    again = run("executables")
+    assert "TRACED" in again and not list((cache / "lcm-executables").glob("*.pkl"))
+    assert again.split("RESULT ")[1] == plain.split("RESULT ")[1]
+
+
 @pytest.fixture
 def executable_cache(tmp_path: Path):
     before = jax.config.jax_compilation_cache_dir
@@ -162,9 +213,10 @@ def test_a_corrupt_entry_is_rebuilt_with_a_warning(executable_cache: Path) -> No
     fresh = persistent_jit(double)  # a new wrapper has nothing in memory: it goes to the disk entry
     with pytest.warns(UserWarning, match="unreadable cached executable"):
         np.testing.assert_array_equal(fresh(jnp.ones(5)), np.full(5, 3.0))
+    assert not entry.exists()  # dropped: this compile was a JAX cache hit, which is never stored
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        np.testing.assert_array_equal(persistent_jit(double)(jnp.ones(5)), np.full(5, 3.0))  # rewritten
+        np.testing.assert_array_equal(persistent_jit(double)(jnp.ones(5)), np.full(5, 3.0))  # no second warning
 
 
 def test_without_the_cache_it_is_plain_jit(tmp_path: Path) -> None:
