@@ -2,20 +2,23 @@
 
 A CPU session runs one RoPE variant and one length at a time (see ``configs/rope_16k.py``) and copies its
 ``results.json`` to ``experiments/results/rope_16k/<variant>_<length>.json``; this script merges whatever records
-exist into one markdown table (``—`` where a cell was not measured yet) with each trial's misses listed.
+exist into one markdown table (``—`` where a cell was not measured yet) with each trial's misses listed, and the
+wall time each variant's runs took. ``--readme`` writes both into a markdown file between the lines
+``<!-- rope_16k table: begin -->`` and ``<!-- rope_16k table: end -->`` (the README's), leaving the prose around them.
 
-    python experiments/rope_16k_table.py [RECORDS_DIR]
+    python experiments/rope_16k_table.py [RECORDS_DIR] [--readme README.md]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 VARIANTS = ("none", "linear:factor=2", "ntk:factor=2", "dynamic:factor=2", "yarn:factor=2")
 PASSKEY_LENGTHS = (8192, 16384)
 PPL_LENGTHS = (4096, 8192, 16384)
+BEGIN, END = "<!-- rope_16k table: begin -->", "<!-- rope_16k table: end -->"
 
 
 def merge(records: list[dict]) -> dict[str, dict]:
@@ -59,17 +62,36 @@ def markdown(table: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    folder = Path(argv[0]) if argv else Path(__file__).parent / "results" / "rope_16k"
-    paths = sorted(folder.glob("*.json"))
-    if not paths:
-        raise SystemExit(f"no records in {folder}")
-    table = merge([json.loads(p.read_text()) for p in paths])
-    print(markdown(table))
-    for spec, cell in table.items():
+def timings(table: dict[str, dict]) -> str:
+    lines = []
+    for spec in sorted(table, key=lambda s: VARIANTS.index(s) if s in VARIANTS else len(VARIANTS)):
+        cell = table[spec]
         devices, dates = ", ".join(sorted(cell["devices"])), ", ".join(sorted(cell["dates"]))
-        print(f"- `{spec}`: {cell['seconds'] / 60:.0f} min on {devices}, {dates}")
+        lines.append(f"- `{spec}`: {cell['seconds'] / 60:.0f} min on {devices}, {dates}")
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with what lies between the BEGIN and END lines replaced by ``block``."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"need exactly one {BEGIN!r} line followed by one {END!r} line")
+    head, rest = text.split(BEGIN)
+    return f"{head}{BEGIN}\n{block}\n{END}{rest.split(END)[1]}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("records", nargs="?", type=Path, default=Path(__file__).parent / "results" / "rope_16k")
+    parser.add_argument("--readme", type=Path, help="markdown file whose table block to rewrite")
+    args = parser.parse_args(argv)
+    paths = sorted(args.records.glob("*.json"))
+    if not paths:
+        raise SystemExit(f"no records in {args.records}")
+    table = merge([json.loads(p.read_text()) for p in paths])
+    block = f"{markdown(table)}\n\nWall time of each variant's runs:\n\n{timings(table)}"
+    print(block)
+    if args.readme is not None:
+        args.readme.write_text(replace_block(args.readme.read_text(), block))
 
 
 if __name__ == "__main__":

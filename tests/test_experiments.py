@@ -44,7 +44,7 @@ def test_rope_16k_table_merges_records_per_variant_and_length(tmp_path: Path, ca
     table.main([str(tmp_path)])
     out = capsys.readouterr().out.splitlines()
     assert out[2] == "| `yarn:factor=2` | 1/2 | 1/1 | 8.50 | 7.25 | 6.38 | 8k @ 0.25: 'no' |"
-    assert out[3] == "- `yarn:factor=2`: 30 min on cpu, 2026-12-02, 2026-12-03"
+    assert out[-1] == "- `yarn:factor=2`: 30 min on cpu, 2026-12-02, 2026-12-03"
     # a variant that misses everything gets two examples and a count
     broken = {"passkey_trials": {"linear:factor=2": [_trial(8192, d / 10, False) for d in range(5)]}}
     (tmp_path / "linear_8k.json").write_text(json.dumps(broken))
@@ -53,6 +53,21 @@ def test_rope_16k_table_merges_records_per_variant_and_length(tmp_path: Path, ca
     assert row == "| `linear:factor=2` | 0/5 | — | — | — | — | 8k @ 0.00: 'no'; 8k @ 0.10: 'no'; 3 more |"
     with pytest.raises(SystemExit, match="no records in"):
         table.main([str(tmp_path / "empty")])
+
+
+def test_rope_16k_table_rewrites_only_the_readme_block(tmp_path: Path) -> None:
+    table = _experiment("rope_16k_table")
+    record = {"passkey_trials": {"ntk:factor=2": [_trial(16384, 0.5, True)]}, "seconds": {"ntk:factor=2": 60.0}}
+    (tmp_path / "ntk_16k.json").write_text(json.dumps(record))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{table.BEGIN}\nold table\n{table.END}\noutro\n")
+    table.main([str(tmp_path), "--readme", str(readme)])
+    lines = readme.read_text().splitlines()
+    assert lines[:2] == ["intro", table.BEGIN] and lines[-2:] == [table.END, "outro"]
+    assert "old table" not in lines and "| `ntk:factor=2` | — | 1/1 | — | — | — | — |" in lines
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="need exactly one"):
+        table.main([str(tmp_path), "--readme", str(readme)])
 
 
 def test_committed_rope_16k_records_are_read() -> None:
