@@ -82,16 +82,28 @@ def decoder_layer(
     k = k_pre if settings.keys_pre_rope else rotary.rotate(k_pre, *rotation)
     keys, values = write_layer(keys, values, layer, start, k, v)
 
+    observed = scores is not None and observers is not None  # a policy ranks entries by attention mass
+
     def readable() -> tuple[jax.Array, jax.Array, jax.Array | int]:
         """The stacked cache and the layer to read: attention reads layer ``layer`` where it lies (slicing it out
-        would copy it), or a rotated copy of the layer when keys are stored pre-RoPE (a policy may renumber)."""
-        if not settings.keys_pre_rope:
+        copies it), unless the layer is read twice (attention and the mass a policy ranks by) or its keys are
+        stored pre-RoPE (a policy may renumber): then a copy of the layer, its keys rotated."""
+        if not (settings.keys_pre_rope or observed):
             return keys, values, layer
-        rotated = rotary.rotate(keys[layer].swapaxes(1, 2), *cache_rotation)
-        return rotated.swapaxes(1, 2)[None], values[layer][None], 0
+        layer_keys = keys[layer]
+        if settings.keys_pre_rope:
+            layer_keys = rotary.rotate(layer_keys, *cache_rotation, heads_first=True)
+        # The barrier keeps XLA from fusing these reads with the next layer's in-place write into the stacked
+        # cache, and the copy gives the cache one reader: otherwise the write is no longer in place and XLA
+        # copies the whole [L, B, K, S, D] keys or values once per layer (30 copies of the cache per step; a
+        # decode step at 1.5k pre-RoPE entries took 7x its time).
+        layer_keys, layer_values = jax.lax.optimization_barrier((layer_keys, values[layer]))
+        return layer_keys[None], layer_values[None], 0
+
+    read_once = readable() if observed else None  # attention and the mass read one copy
 
     def full_attention() -> jax.Array:
-        layer_keys, layer_values, read_layer = readable()
+        layer_keys, layer_values, read_layer = read_once or readable()
         return attention_api.attention(
             q,
             layer_keys,
@@ -141,11 +153,11 @@ def decoder_layer(
         selection = jax.tree.map(
             lambda s, new: jax.lax.dynamic_update_index_in_dim(s, new, layer, axis=0), selection, layer_selection
         )
-    if scores is not None and observers is not None:  # a KV policy ranks entries by the attention they receive
+    if observed:  # a KV policy ranks entries by the attention they receive
         # the extra consumer of q and the keys changes XLA's fusion of this layer: outputs then differ from the
         # full cache's by float32 round-off (~1e-7), which optimisation barriers did not remove
-        layer_keys, _, read_layer = readable()
-        mass = attention_mass(q, layer_keys[read_layer], observers, q_offset=start, kv_length=start + x.shape[1])
+        layer_keys, _, _ = read_once
+        mass = attention_mass(q, layer_keys[0], observers, q_offset=start, kv_length=start + x.shape[1])
         scores = jax.lax.dynamic_update_index_in_dim(scores, scores[layer] + mass, layer, axis=0)
     if scores is not None and settings.retain:  # Locret: the layer's retaining head scores each new entry
         predicted_BxTxK = block.retaining(q_pre, k_pre, v).astype(jnp.float32)

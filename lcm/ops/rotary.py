@@ -28,11 +28,15 @@ def rope_cos_sin(
 
 
 def rotate(
-    x: Float[Array, "B T H D"], cos_BxTxR: Float[Array, "B T R"], sin_BxTxR: Float[Array, "B T R"]
+    x: Float[Array, "B T H D"],
+    cos_BxTxR: Float[Array, "B T R"],
+    sin_BxTxR: Float[Array, "B T R"],
+    heads_first: bool = False,
 ) -> Float[Array, "B T H D"]:
     """``x·cos + rotate_half(x)·sin`` on the first ``R`` features (HF half-split layout), in float32, cast back
-    to ``x.dtype``; features past ``R`` pass through (partial rotary). cos/sin from :func:`rope_cos_sin`."""
-    batch, length, _, head_dim = x.shape
+    to ``x.dtype``; features past ``R`` pass through (partial rotary). cos/sin from :func:`rope_cos_sin`.
+    ``heads_first``: ``x`` is ``[B, H, T, D]``, the cache's layout (rotated where it lies, no transposed copy)."""
+    batch, length, head_dim = x.shape[0], x.shape[2 if heads_first else 1], x.shape[3]
     rotary_dim = cos_BxTxR.shape[-1]
     if cos_BxTxR.shape != (batch, length, rotary_dim) or sin_BxTxR.shape != cos_BxTxR.shape:
         raise ValueError(
@@ -44,7 +48,9 @@ def rotate(
     x_BxTxHxR = x[..., :rotary_dim].astype(jnp.float32)
     half = rotary_dim // 2
     rotated_BxTxHxR = jnp.concatenate([-x_BxTxHxR[..., half:], x_BxTxHxR[..., :half]], axis=-1)
-    out_BxTxHxR = (x_BxTxHxR * cos_BxTxR[:, :, None] + rotated_BxTxHxR * sin_BxTxR[:, :, None]).astype(x.dtype)
+    heads_axis = 1 if heads_first else 2  # cos/sin broadcast over the heads (the names below say B T H)
+    cos, sin = jnp.expand_dims(cos_BxTxR, heads_axis), jnp.expand_dims(sin_BxTxR, heads_axis)
+    out_BxTxHxR = (x_BxTxHxR * cos + rotated_BxTxHxR * sin).astype(x.dtype)
     if rotary_dim == head_dim:
         return out_BxTxHxR
     return jnp.concatenate([out_BxTxHxR, x[..., rotary_dim:]], axis=-1)

@@ -281,6 +281,19 @@ def test_apply_rope_matches_numpy_reference(variant: str, params: dict, jit: boo
     chex.assert_trees_all_close(np.asarray(out), expected, atol=APPLY_ATOL, rtol=0)
 
 
+def test_rotate_heads_first_is_the_transposed_rotation() -> None:
+    """``heads_first`` rotates a ``[B, H, T, D]`` array (the cache's layout) exactly as the ``[B, T, H, D]`` one."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 16, 3, 64)), jnp.float32)
+    inv_freq, attention_factor = rope.rope_frequencies("default", 64, 1e4, {})
+    positions = jnp.asarray(rng.integers(0, 4096, (2, 16)), jnp.int32)
+    cos, sin = rotary.rope_cos_sin(positions, inv_freq, attention_factor)
+    expected = rotary.rotate(x, cos, sin).swapaxes(1, 2)
+    np.testing.assert_array_equal(rotary.rotate(x.swapaxes(1, 2), cos, sin, heads_first=True), expected)
+    with pytest.raises(ValueError, match="cos/sin must have shape"):
+        rotary.rotate(x, cos, sin, heads_first=True)  # [B, T, H, D] read as heads-first: T = 3 != 16
+
+
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_apply_rope_bfloat16_keeps_dtype(jit: bool) -> None:
     rng = np.random.default_rng(1)
