@@ -192,7 +192,9 @@ class Engine:
             observers = None
             if policy.needs_scores:
                 watch = policy.observers(np.arange(start, start + self.chunk_size), length)
-                observers = jnp.asarray(np.broadcast_to(watch & (np.arange(self.chunk_size) < n), chunk.shape))
+                watch &= np.arange(self.chunk_size) < n
+                if watch.any():  # else the chunk adds no mass: skip computing it (SnapKV: all but the window's)
+                    observers = jnp.asarray(np.broadcast_to(watch, chunk.shape))
             logits, cache = steps.prefill_chunk(
                 self.graphdef,
                 self.params,
