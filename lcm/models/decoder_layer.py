@@ -36,6 +36,19 @@ class LayerSettings:
     retain: bool = False  # Locret: write each block's retaining-head scores of the new entries into the scores
 
 
+def _after(x: jax.Array, dependency: jax.Array) -> jax.Array:
+    """``x``, unchanged, made to depend on ``dependency`` (``x + 0 * sum(dependency)``; finite ``dependency``).
+
+    XLA writes the stacked cache in place only where it can order every read of the layer before the next
+    layer's write. The attention mass reads the layer's keys but feeds only the scores, not the hidden state the
+    next layer writes from, so nothing ordered the two: XLA copied the whole ``[L, B, K, S, D]`` keys once per
+    layer in every prefill chunk of H2O and SnapKV. ``optimization_barrier`` does not order them on CPU (its
+    pipeline expands barriers before copy insertion); a data dependency does, and ``0 * finite`` is an exact zero
+    that XLA does not fold away for floats.
+    """
+    return x + jnp.zeros((), x.dtype) * jnp.sum(dependency).astype(x.dtype)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def decoder_layer(
     settings: LayerSettings,
@@ -158,7 +171,8 @@ def decoder_layer(
         # full cache's by float32 round-off (~1e-7), which optimisation barriers did not remove
         layer_keys, _, _ = read_once
         mass = attention_mass(q, layer_keys[0], observers, q_offset=start, kv_length=start + x.shape[1])
-        scores = jax.lax.dynamic_update_index_in_dim(scores, scores[layer] + mass, layer, axis=0)
+        scores = scores.at[layer].add(mass)
+        attn = _after(attn, mass)
     if scores is not None and settings.retain:  # Locret: the layer's retaining head scores each new entry
         predicted_BxTxK = block.retaining(q_pre, k_pre, v).astype(jnp.float32)
         zero = jnp.zeros((), jnp.int32)

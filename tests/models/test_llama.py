@@ -289,6 +289,31 @@ def test_decode_step_writes_the_stacked_cache_in_place(keys_pre_rope: bool) -> N
     assert stacked not in copies, copies
 
 
+@pytest.mark.parametrize("keys_pre_rope", [False, True])
+def test_observed_prefill_chunk_writes_the_stacked_cache_and_scores_in_place(keys_pre_rope: bool) -> None:
+    """A prefill chunk whose queries add their attention mass to the scores (H2O, SnapKV) copies neither the
+    whole ``[L, B, K, S, D]`` cache nor the ``[L, B, K, S]`` scores. The mass read each layer's keys without
+    being ordered before the next layer's write, and XLA copied the stacked keys once per layer (an 8k H2O
+    prefill took longer than the full cache's)."""
+    model = _tiny_model(dataclasses.replace(TINY, num_layers=4))
+    graphdef, params = nnx.split(model)
+    cache = model.init_cache(1, 64, keys_pre_rope=keys_pre_rope)
+    cache = dataclasses.replace(cache, length=jnp.int32(20), scores=jnp.zeros(cache.keys.shape[:4], jnp.float32))
+    tokens, positions = jnp.zeros((1, 16), jnp.int32), jnp.arange(20, 36, dtype=jnp.int32)[None]
+    observers = jnp.ones((1, 16), bool)
+    hlo = (
+        steps.prefill_chunk._jitted.lower(  # noqa: SLF001
+            graphdef, params, tokens, positions, jnp.int32(16), jnp.int32(36), cache, observers
+        )
+        .compile()
+        .as_text()
+    )
+    stacked, scores = ("f32[{}]".format(",".join(map(str, shape))) for shape in (cache.keys.shape, cache.scores.shape))
+    assert stacked in hlo and scores in hlo  # the shapes are spelled as the check expects
+    copies = re.findall(r"= (f32\[[^\]]*\])\S* copy\(", hlo)
+    assert stacked not in copies and scores not in copies, copies
+
+
 def test_rope_variant_swap_keeps_parameters() -> None:
     model = _tiny_model(TINY)
     stretched = with_config(model, TINY.with_rope("linear", {"factor": 4.0}))
