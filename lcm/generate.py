@@ -192,7 +192,7 @@ class Engine:
             observers = None
             if policy.needs_scores:
                 watch = policy.observers(np.arange(start, start + self.chunk_size), length)
-                watch &= np.arange(self.chunk_size) < n
+                watch = watch & (np.arange(self.chunk_size) < n)  # not in place: the policy's array
                 if watch.any():  # else the chunk adds no mass: skip computing it (SnapKV: all but the window's)
                     observers = jnp.asarray(np.broadcast_to(watch, chunk.shape))
             logits, cache = steps.prefill_chunk(
