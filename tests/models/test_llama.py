@@ -271,6 +271,16 @@ def test_rope_tables_are_computed_once_per_forward(keys_pre_rope: bool) -> None:
     assert counts[2] == counts[4] <= 2 * tables, counts
 
 
+def _copied_whole(hlo: str, *arrays: jax.Array) -> list[str]:
+    """The shapes among ``arrays``' that the compiled ``hlo`` copies whole (XLA ``copy`` ops of that shape),
+    after checking that each shape is spelled in the HLO as the check expects (else the check could not fail)."""
+    shapes = ["f32[{}]".format(",".join(map(str, a.shape))) for a in arrays]
+    missing = [shape for shape in shapes if shape not in hlo]
+    assert not missing, missing
+    copies = re.findall(r"= (f32\[[^\]]*\])\S* copy\(", hlo)
+    return [shape for shape in shapes if shape in copies]
+
+
 @pytest.mark.parametrize("keys_pre_rope", [False, True])
 def test_decode_step_writes_the_stacked_cache_in_place(keys_pre_rope: bool) -> None:
     """The compiled decode step copies no whole ``[L, B, K, S, D]`` cache. A pre-RoPE cache (StreamingLLM,
@@ -283,10 +293,7 @@ def test_decode_step_writes_the_stacked_cache_in_place(keys_pre_rope: bool) -> N
     cache = dataclasses.replace(cache, length=jnp.int32(20))
     token, position = jnp.zeros((1,), jnp.int32), jnp.full((1,), 20, jnp.int32)
     hlo = steps.decode_step._jitted.lower(graphdef, params, token, position, cache).compile().as_text()  # noqa: SLF001
-    stacked = "f32[{}]".format(",".join(map(str, cache.keys.shape)))
-    assert stacked in hlo  # the shape is spelled as the check expects
-    copies = re.findall(r"= (f32\[[^\]]*\])\S* copy\(", hlo)
-    assert stacked not in copies, copies
+    assert _copied_whole(hlo, cache.keys) == []
 
 
 @pytest.mark.parametrize("keys_pre_rope", [False, True])
@@ -308,10 +315,7 @@ def test_observed_prefill_chunk_writes_the_stacked_cache_and_scores_in_place(key
         .compile()
         .as_text()
     )
-    stacked, scores = ("f32[{}]".format(",".join(map(str, shape))) for shape in (cache.keys.shape, cache.scores.shape))
-    assert stacked in hlo and scores in hlo  # the shapes are spelled as the check expects
-    copies = re.findall(r"= (f32\[[^\]]*\])\S* copy\(", hlo)
-    assert stacked not in copies and scores not in copies, copies
+    assert _copied_whole(hlo, cache.keys, cache.scores) == []
 
 
 def test_rope_variant_swap_keeps_parameters() -> None:
