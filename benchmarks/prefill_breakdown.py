@@ -51,6 +51,7 @@ def lcm_ops(
     import jax.numpy as jnp
 
     from lcm.kernels.attention import api
+    from lcm.ops import masks
     from lcm.ops.attention import chunked_attention
     from lcm.ops.rope import rope_frequencies
     from lcm.ops.rotary import apply_rope
@@ -73,16 +74,8 @@ def lcm_ops(
 
         @jax.jit
         def attend(q_chunk: jax.Array, offset: jax.Array, q_block: int = q_block, kv_block: int = kv_block) -> Any:
-            return chunked_attention(
-                q_chunk,
-                cache_k,
-                cache_v,
-                q_offset=offset,
-                kv_length=offset + chunk,
-                q_block=q_block,
-                kv_block=kv_block,
-                heads_first=True,
-            )
+            mask = masks.causal() & masks.offsets(q_offset=offset, kv_length=offset + chunk)
+            return chunked_attention(q_chunk, cache_k, cache_v, mask=mask, q_block=q_block, kv_block=kv_block)
 
         def run_attention(attend: Callable[..., Any] = attend) -> None:
             outs = [attend(q[:, s : s + chunk], jnp.int32(s)) for s in range(0, length, chunk)]
@@ -94,16 +87,14 @@ def lcm_ops(
 
         @jax.jit
         def kernel(q_chunk: jax.Array, offset: jax.Array, q_block: int = q_block, kv_block: int = kv_block) -> Any:
+            mask = masks.causal() & masks.offsets(q_offset=offset, kv_length=offset + chunk)
             return api.attention(
                 q_chunk,
                 cache_k[None],
                 cache_v[None],
-                q_offset=offset,
-                kv_length=offset + chunk,
-                heads_first=True,
+                mask=mask,
                 layer=0,
-                cpu_q_block=q_block,
-                cpu_kv_block=kv_block,
+                config=api.CpuConfig(q_block=q_block, kv_block=kv_block),
                 implementation="cpu",
             )
 

@@ -82,3 +82,19 @@ def test_passkey_vs_transformers_rejects_bad_arguments(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         script.main(["--length", "0"])
     assert "need a positive --length and --max-new-tokens and a non-negative --trial" in capsys.readouterr().err
+
+
+def test_greedy_ids_compare_reports_every_difference(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    greedy = _experiment("greedy_ids")
+    row = {"task": "passkey", "length": 2048, "policy": "full", "budget": 0, "index": 0, "prompt_sha256": "ab"}
+    before = [row | {"ids": [1, 2, 3], "text": "a"}, row | {"index": 1, "ids": [4], "text": "b"}]
+    same = tmp_path / "same.jsonl"
+    for path, rows in ((tmp_path / "before.jsonl", before), (same, before)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert greedy.compare(tmp_path / "before.jsonl", same) == 0
+    after = [row | {"ids": [1, 2, 4], "text": "c"}, row | {"index": 2, "ids": [4], "text": "b"}]
+    (tmp_path / "after.jsonl").write_text("".join(json.dumps(r) + "\n" for r in after))
+    assert greedy.compare(tmp_path / "before.jsonl", tmp_path / "after.jsonl") == 1
+    out = capsys.readouterr().out
+    assert "ids differ at step 2" in out and "only in before" in out and "only in after" in out
+    assert "0 of 1 cases identical" in out

@@ -3,7 +3,8 @@
 Each op's ``api.py`` owns a :class:`Dispatch`: a registry of implementations (``"xla"``, the plain-JAX reference
 every kernel is tested against, is always one of them) and aliases such as ``"auto"``. A caller names one
 implementation, a comma-separated list or a sequence of names; each is tried in turn, and one that cannot take
-the call (another backend, dtype or mask) raises ``NotImplementedError`` so the next is tried. A kernel that
+the call (another backend, dtype or mask) raises ``NotImplementedError`` saying why, so the next is tried; when
+none takes it, the error lists every reason. A kernel that
 lands later registers a name here and models never change.
 """
 
@@ -39,11 +40,15 @@ class Dispatch:
         return tuple(names)
 
     def __call__(self, *args: Any, implementation: str | Sequence[str], **kwargs: Any) -> Any:
-        """The call, by the first implementation among ``implementation`` that takes it."""
+        """The call, by the first implementation among ``implementation`` that takes it; when none does, one
+        ``NotImplementedError`` listing each implementation's reason."""
         names = self.resolve(implementation)
+        reasons = []
         for name in names:
             try:
                 return self.implementations[name](*args, **kwargs)
-            except NotImplementedError:
-                continue
-        raise NotImplementedError(f"no {self.op} implementation among {list(names)} supports this call")
+            except NotImplementedError as declined:
+                reasons.append(f"{name}: {declined}" if str(declined) else name)
+        raise NotImplementedError(
+            f"no {self.op} implementation among {list(names)} takes this call ({'; '.join(reasons)})"
+        )

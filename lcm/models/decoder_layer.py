@@ -17,8 +17,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from lcm.cache.kv import write_layer
 from lcm.kernels.attention import api as attention_api
+from lcm.kernels.attention.config import CpuConfig, XlaConfig
 from lcm.kernels.token_select import api as token_select_api
-from lcm.ops import rotary
+from lcm.ops import masks, rotary
 from lcm.ops.kv_scores import attention_mass
 from lcm.ops.token_select import SelectionCache, TokenSelectRule
 
@@ -28,10 +29,9 @@ class LayerSettings:
     """The static part of a decoder layer call (hashable: a ``jax.jit`` static argument)."""
 
     window: int | None
-    q_block: int
-    kv_block: int
     keys_pre_rope: bool
     implementation: tuple[str, ...] = ("xla",)  # lcm.kernels.attention.api names, tried in order
+    attention_config: tuple[XlaConfig | CpuConfig, ...] = ()  # per-backend tiles (lcm.kernels.attention.config)
     select: TokenSelectRule | None = None  # TokenSelect: attend to the selected entries once the cache is larger
     retain: bool = False  # Locret: write each block's retaining-head scores of the new entries into the scores
 
@@ -115,23 +115,25 @@ def decoder_layer(
 
     read_once = readable() if observed else None  # attention and the mass read one copy
 
+    # causal over cache slots: the chunk sits at slots start..; the cache is filled up to its end
+    mask = masks.causal() & masks.offsets(q_offset=start, kv_length=start + x.shape[1])
+    if settings.window is not None:
+        mask &= masks.sliding_window(settings.window)
+    if kv_start is not None:
+        mask &= masks.left_padding(kv_start)
+    if q_segments is not None or k_segments is not None:
+        mask &= masks.documents(q_segments, k_segments)
+
     def full_attention() -> jax.Array:
         layer_keys, layer_values, read_layer = read_once or readable()
         return attention_api.attention(
             q,
             layer_keys,
             layer_values,
-            q_offset=start,
-            kv_length=start + x.shape[1],
-            window=settings.window,
-            q_segments=q_segments,
-            k_segments=k_segments,
-            kv_start=kv_start,
-            q_block=settings.q_block,
-            kv_block=settings.kv_block,
-            heads_first=True,
-            layer=read_layer,
+            mask=mask,
             implementation=settings.implementation,
+            config=settings.attention_config,
+            layer=read_layer,
         )
 
     rule = settings.select
@@ -170,7 +172,7 @@ def decoder_layer(
         # the extra consumer of q and the keys changes XLA's fusion of this layer: outputs then differ from the
         # full cache's by float32 round-off (~1e-7), which optimisation barriers did not remove
         layer_keys, _, _ = read_once
-        mass = attention_mass(q, layer_keys[0], observers, q_offset=start, kv_length=start + x.shape[1])
+        mass = attention_mass(q, layer_keys[0], observers, mask=mask)
         scores = scores.at[layer].add(mass)
         attn = _after(attn, mass)
     if scores is not None and settings.retain:  # Locret: the layer's retaining head scores each new entry

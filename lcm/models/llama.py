@@ -24,6 +24,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from lcm.cache.kv import KVCache, init_cache
 from lcm.kernels.attention import api as attention_api
+from lcm.kernels.attention.config import XlaConfig
 from lcm.models.decoder_layer import LayerSettings, decoder_layer
 from lcm.ops import rope as rope_ops
 from lcm.ops import rotary
@@ -263,10 +264,11 @@ class Llama(nnx.Module):
         x = self.embed[...][tokens]
         settings = LayerSettings(
             window=cfg.sliding_window,
-            q_block=cfg.attention_q_block,
-            kv_block=cfg.attention_kv_block if seq > 1 else cfg.attention_decode_kv_block,
             keys_pre_rope=cache.keys_pre_rope,
             implementation=attention_api.resolve(cfg.attention_implementation),
+            attention_config=(
+                XlaConfig(cfg.attention_q_block, cfg.attention_kv_block if seq > 1 else cfg.attention_decode_kv_block),
+            ),
             select=cache.select,
             retain=retain_scores,
         )

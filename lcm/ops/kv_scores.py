@@ -5,7 +5,7 @@
 arXiv 2306.14048, sec. 3: the column sums of the attention matrix) when every query observes, SnapKV's voting
 score (Li et al. 2024, arXiv 2404.14469, Alg. 1: the observation window's attention to the prefix) when only the
 last ``window`` prompt queries do. Probabilities are the model's own: softmax of ``q . k / sqrt(d)`` over the keys
-each query may see (causal by cache slot, below ``kv_length``), exactly what the attention layer computes.
+each query may see under the layer's own :class:`lcm.ops.masks.Mask`, exactly what the attention layer computes.
 
 Query blocks without an observer are skipped (``lax.cond``), so SnapKV's window costs one block per chunk, not a
 second attention pass. Memory is ``O(q_block x H x S)``.
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float
+
+from lcm.ops.masks import Mask
 
 
 def attention_mass(
@@ -23,16 +25,15 @@ def attention_mass(
     keys: Float[Array, "B K S D"],
     observers: Bool[Array, "B T"],
     *,
-    q_offset: Int[Array, ""] | int,
-    kv_length: Int[Array, ""] | int,
+    mask: Mask,
     scale: float | None = None,
     q_block: int = 64,
 ) -> Float[Array, "B K S"]:
     """``mass[b, k, s] = sum over observing queries t and heads h of group k of softmax_s(q_t,h . k_s * scale)``.
 
-    Query ``t`` sits at cache slot ``q_offset + t`` and sees the keys at slots ``<=`` its own and ``< kv_length``
-    (the visibility of :mod:`lcm.ops.masks` without window or segments). ``q`` is rotated as the attention layer
-    rotates it; ``keys`` are the layer's keys as attention reads them (rotated). float32 throughout.
+    Each query sees the keys ``mask`` (:class:`lcm.ops.masks.Mask`) lets it see: the attention layer's own mask,
+    so the probabilities are the layer's. ``q`` is rotated as the attention layer rotates it; ``keys`` are the
+    layer's keys as attention reads them (rotated). float32 throughout.
     """
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads, capacity = keys.shape[1], keys.shape[2]
@@ -49,18 +50,18 @@ def attention_mass(
     observers = jnp.pad(observers, ((0, 0), (0, pad)))
     q_BxNxQxKxGxD = q.reshape(batch, num_blocks, q_block, num_kv_heads, group, head_dim)
     keys = keys.astype(jnp.float32)
-    k_slots_S = jnp.arange(capacity, dtype=jnp.int32)
-    kv_length = jnp.asarray(kv_length, jnp.int32)
+    mask.check(batch, q_len, capacity)
+    k_index_S = jnp.arange(capacity, dtype=jnp.int32)
 
     def block_mass(i: jax.Array) -> jax.Array:
         q_BxQxKxGxD = q_BxNxQxKxGxD[:, i]
         observe_BxQ = jax.lax.dynamic_slice_in_dim(observers, i * q_block, q_block, axis=1)
-        q_slots_Q = jnp.asarray(q_offset, jnp.int32) + i * q_block + jnp.arange(q_block, dtype=jnp.int32)
+        q_index_Q = i * q_block + jnp.arange(q_block, dtype=jnp.int32)
 
         def compute() -> jax.Array:
             logits = jnp.einsum("bqkgd,bksd->bkgqs", q_BxQxKxGxD, keys) * scale
-            visible_QxS = (k_slots_S[None] <= q_slots_Q[:, None]) & (k_slots_S[None] < kv_length)
-            logits = jnp.where(visible_QxS[None, None, None], logits, -jnp.inf)
+            visible_bxQxS = mask.visible(q_index_Q, k_index_S, capacity)
+            logits = jnp.where(visible_bxQxS[:, None, None], logits, -jnp.inf)
             probs = jax.nn.softmax(logits, axis=-1)
             probs = jnp.where(observe_BxQ[:, None, None, :, None], probs, 0.0)
             return probs.sum(axis=(2, 3))
@@ -78,16 +79,13 @@ def reference_attention_mass(
     keys: Float[Array, "B K S D"],
     observers: Bool[Array, "B T"],
     *,
-    q_offset: int,
-    kv_length: int,
+    mask: Mask,
 ) -> Float[Array, "B K S"]:
     """The same in one dense expression (tests): repeat keys per query head, softmax, mask, sum."""
     group = q.shape[2] // keys.shape[1]
     keys_BxHxSxD = jnp.repeat(keys, group, axis=1)
     logits = jnp.einsum("bthd,bhsd->bhts", q, keys_BxHxSxD) / jnp.sqrt(q.shape[-1])
-    q_slots = q_offset + jnp.arange(q.shape[1])
-    k_slots = jnp.arange(keys.shape[2])
-    visible = (k_slots[None] <= q_slots[:, None]) & (k_slots[None] < kv_length)
-    probs = jax.nn.softmax(jnp.where(visible[None, None], logits, -jnp.inf), axis=-1)
+    visible = mask.dense(q.shape[1], keys.shape[2])[:, None]
+    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
     probs = jnp.where(observers[:, None, :, None], probs, 0.0).sum(axis=2)  # [B, H, S]
     return probs.reshape(q.shape[0], keys.shape[1], group, keys.shape[2]).sum(axis=2)

@@ -18,8 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from lcm.kernels.attention import api as attention_api
+from lcm.kernels.attention.config import XlaConfig
 from lcm.models.llama import Llama
-from lcm.ops.attention import chunked_attention
+from lcm.ops import masks
 from lcm.ops.rotary import apply_rope
 
 FEATURE_DTYPE = jnp.bfloat16  # stored features (labels stay float32)
@@ -106,8 +108,14 @@ def layerwise_pass(
         q, k, v = block.attn.project_qkv(block.input_norm(x))
         q_rot = apply_rope(q, positions, backbone.inv_freq, backbone.attention_factor)
         k_rot = apply_rope(k, positions, backbone.inv_freq, backbone.attention_factor)
-        attn = chunked_attention(
-            q_rot, k_rot, v, window=backbone.window, q_block=backbone.q_block, kv_block=backbone.kv_block
+        mask = masks.causal() if backbone.window is None else masks.causal() & masks.sliding_window(backbone.window)
+        attn = attention_api.attention(
+            q_rot,
+            k_rot.swapaxes(1, 2),
+            v.swapaxes(1, 2),
+            mask=mask,
+            implementation="xla",
+            config=XlaConfig(backbone.q_block, backbone.kv_block),
         )
         cis = causal_importance(q_rot[:, prompt_length:], k_rot[:, :prompt_length])
         x = x + block.attn.output(attn)

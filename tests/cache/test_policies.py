@@ -21,6 +21,7 @@ from lcm.cache.policies import H2O, POLICIES, KVPolicy, SnapKV, StreamingLLM, co
 from lcm.generate import Engine
 from lcm.models.llama import Llama
 from lcm.models.retaining import RetainingHeads, attach_retaining_heads
+from lcm.ops import masks
 from lcm.ops.kv_scores import attention_mass, reference_attention_mass
 
 
@@ -110,9 +111,9 @@ def test_attention_mass_matches_the_dense_reference() -> None:
     q = jnp.asarray(rng.standard_normal((2, 19, 6, 8)), jnp.float32)
     keys = jnp.asarray(rng.standard_normal((2, 3, 40, 8)), jnp.float32)
     observers = jnp.asarray(rng.random((2, 19)) < 0.4)
-    args = dict(q_offset=11, kv_length=30)
-    got = attention_mass(q, keys, observers, q_block=8, **args)
-    want = reference_attention_mass(q, keys, observers, **args)
+    mask = masks.causal() & masks.offsets(q_offset=11, kv_length=30)
+    got = attention_mass(q, keys, observers, q_block=8, mask=mask)
+    want = reference_attention_mass(q, keys, observers, mask=mask)
     # float32 softmax of O(1) logits over <= 30 keys, summed over <= 19 x 2 rows: round-off ~1e-6
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
     assert float(got[:, :, 30:].max()) == 0.0  # nothing beyond the filled length

@@ -30,7 +30,10 @@ def test_first_implementation_that_takes_the_call_runs() -> None:
     assert toy(3, implementation="never, xla") == ("xla", 3)  # the declining one is skipped
     assert toy(3, implementation=["xla", "fast"]) == ("xla", 3)
     assert calls == ["fast", "xla", "xla"]
-    with pytest.raises(NotImplementedError, match=r"no toy implementation among \['never'\] supports this call"):
+    with pytest.raises(
+        NotImplementedError,
+        match=r"no toy implementation among \['never'\] takes this call \(never: not for this call\)",
+    ):
         toy(3, implementation="never")
 
 

@@ -22,7 +22,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lcm.ops.attention import chunked_attention, key_blocks_to_visit, reference_attention, visibility_mask
+from lcm.ops import masks
+from lcm.ops.attention import chunked_attention, reference_attention
+from lcm.ops.masks import key_blocks_to_visit
 
 # float32: the online softmax rescales partial sums by exp(m_old - m_new) and divides once at the end, the
 # reference normalises directly; both accumulate in float32, so outputs (weighted means of N(0, 1) values, |x| < 4)
@@ -33,6 +35,40 @@ F32_TOL = {"atol": 1e-5, "rtol": 1e-5}
 # [1, 2)). Against a float32 reference on the same bfloat16 inputs that is a few bfloat16 ulp at |x| < 4:
 # atol 3e-2 (~4 ulp at 1) plus rtol 2^-6.
 BF16_TOL = {"atol": 3e-2, "rtol": 1.6e-2}
+
+
+def _mask(
+    q_offset: Any,
+    kv_length: Any,
+    window: int | None = None,
+    sinks: int = 0,
+    q_segments: jax.Array | None = None,
+    k_segments: jax.Array | None = None,
+) -> masks.Mask:
+    """The causal mask these tests describe by (offset, filled length, window, sinks, documents); sinks without a
+    window change nothing (the case tables keep such a case to check that)."""
+    mask = masks.causal() & masks.offsets(q_offset=q_offset, kv_length=kv_length)
+    if window is not None:
+        mask &= masks.sliding_window(window, sinks)
+    if q_segments is not None:
+        mask &= masks.documents(q_segments, k_segments)
+    return mask
+
+
+def _visibility(first_slot: int, q_len: int, kv_len: int, kv_length: int, window: int | None, **kwargs: Any):
+    """The dense mask of queries at slots ``first_slot…`` over ``kv_len`` keys: ``[T, S]``, ``[B, T, S]`` with
+    documents."""
+    dense = _mask(first_slot, kv_length, window, **kwargs).dense(q_len, kv_len)
+    return dense if "q_segments" in kwargs else dense[0]
+
+
+def _attend(fn: Any, q: jax.Array, k: jax.Array, v: jax.Array, **kwargs: Any) -> jax.Array:
+    """``fn`` (reference or chunked) on keys and values given as ``[B, S, K, D]``, the layout the cases are drawn in."""
+    mask_args = {name: kwargs.pop(name) for name in list(kwargs) if name in _MASK_ARGS}
+    return fn(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=_mask(**mask_args), **kwargs)
+
+
+_MASK_ARGS = ("q_offset", "kv_length", "window", "sinks", "q_segments", "k_segments")
 
 
 def _numpy_mask(
@@ -120,7 +156,7 @@ def _segments(
 # Compiling dominates these tests on a CPU: the reference is always jitted (it is the comparator, not the code
 # under test), jitted functions are built once per static configuration so equal shapes reuse a compilation, and
 # q_offset/kv_length/segments are traced arguments.
-_reference = jax.jit(reference_attention, static_argnames=("window", "sinks"))
+_reference = jax.jit(functools.partial(_attend, reference_attention), static_argnames=("window", "sinks"))
 
 
 @functools.cache
@@ -136,7 +172,8 @@ def _chunked(window: int | None, q_block: int, kv_block: int, jit: bool, sinks: 
         q_segments: jax.Array | None = None,
         k_segments: jax.Array | None = None,
     ) -> jax.Array:
-        return chunked_attention(
+        return _attend(
+            chunked_attention,
             q,
             k,
             v,
@@ -171,14 +208,22 @@ def _with_grads(chunked: bool, window: int | None, sinks: int, q_block: int, kv_
         q_segments: jax.Array | None = None,
         k_segments: jax.Array | None = None,
     ) -> tuple[jax.Array, ...]:
-        masks = {"q_offset": q_offset, "kv_length": kv_length, "q_segments": q_segments, "k_segments": k_segments}
+        mask_args = {"q_offset": q_offset, "kv_length": kv_length, "q_segments": q_segments, "k_segments": k_segments}
 
         def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
             if chunked:
-                return chunked_attention(
-                    q, k, v, **masks, window=window, sinks=sinks, q_block=q_block, kv_block=kv_block
+                return _attend(
+                    chunked_attention,
+                    q,
+                    k,
+                    v,
+                    **mask_args,
+                    window=window,
+                    sinks=sinks,
+                    q_block=q_block,
+                    kv_block=kv_block,
                 )
-            return reference_attention(q, k, v, **masks, window=window, sinks=sinks)
+            return _attend(reference_attention, q, k, v, **mask_args, window=window, sinks=sinks)
 
         out, vjp = jax.vjp(attend, q, k, v)
         return (out, *vjp(d_out))
@@ -277,7 +322,9 @@ def test_chunked_matches_reference_bfloat16(case: str, jit: bool) -> None:
 
 def test_default_kv_length_is_the_whole_buffer() -> None:
     q, k, v = _qkv(4, 1, 6, 10, 4, 2, 8, jnp.float32)
-    out = jax.jit(lambda q, k, v: chunked_attention(q, k, v, q_offset=4, q_block=4, kv_block=4))(q, k, v)
+    out = jax.jit(
+        lambda q, k, v: _attend(chunked_attention, q, k, v, q_offset=4, kv_length=None, q_block=4, kv_block=4)
+    )(q, k, v)
     chex.assert_trees_all_close(out, _reference(q, k, v, q_offset=4, kv_length=10), **F32_TOL)
 
 
@@ -291,15 +338,15 @@ def test_kv_length_beyond_capacity_is_clamped() -> None:
 def test_chunked_rejects_bad_shapes() -> None:
     q, k, v = _qkv(6, 1, 3, 5, 3, 2, 8, jnp.float32)
     with pytest.raises(ValueError, match="num_heads=3 is not a multiple of num_kv_heads=2"):
-        chunked_attention(q, k, v)
+        chunked_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=masks.causal())
     q, k, v = _qkv(6, 1, 3, 5, 4, 2, 8, jnp.float32)
     with pytest.raises(ValueError, match="incompatible shapes"):
-        chunked_attention(q, k, v[..., :4])
+        chunked_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2)[..., :4], mask=masks.causal())
 
 
 def test_visibility_mask_small_case() -> None:
     # query slots 2, 3 over keys 0..4 filled up to 4, window 2: slot 2 sees {1, 2}, slot 3 sees {2, 3}
-    mask = visibility_mask(jnp.array([2, 3]), jnp.arange(5), 4, 2)
+    mask = _visibility(2, 2, 5, 4, 2)
     expected = np.array([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0]], bool)
     np.testing.assert_array_equal(mask, expected)
 
@@ -392,17 +439,15 @@ def test_rows_with_no_visible_key_have_zero_gradients() -> None:
 def test_visibility_mask_sinks_and_window() -> None:
     # slots 5, 6 over keys 0..7 filled up to 7, window 2, sinks 2: both keep the sinks {0, 1}; slot 5 adds {4, 5},
     # slot 6 adds {5, 6}
-    mask = visibility_mask(jnp.array([5, 6]), jnp.arange(8), 7, 2, sinks=2)
+    mask = _visibility(5, 2, 8, 7, 2, sinks=2)
     expected = np.array([[1, 1, 0, 0, 1, 1, 0, 0], [1, 1, 0, 0, 0, 1, 1, 0]], bool)
     np.testing.assert_array_equal(mask, expected)
     # causality and kv_length still bind the sinks: slot 0 sees key 0 only; with kv_length 1 slot 5 sees key 0 only
-    np.testing.assert_array_equal(visibility_mask(jnp.array([0]), jnp.arange(4), 4, 1, sinks=3), [[1, 0, 0, 0]])
-    np.testing.assert_array_equal(visibility_mask(jnp.array([5]), jnp.arange(6), 1, 2, sinks=3), [[1, 0, 0, 0, 0, 0]])
-    # without a window the sinks change nothing
-    np.testing.assert_array_equal(
-        visibility_mask(jnp.array([5]), jnp.arange(8), 7, None, sinks=2),
-        visibility_mask(jnp.array([5]), jnp.arange(8), 7, None),
-    )
+    np.testing.assert_array_equal(_visibility(0, 1, 4, 4, 1, sinks=3), [[1, 0, 0, 0]])
+    np.testing.assert_array_equal(_visibility(5, 1, 6, 1, 2, sinks=3), [[1, 0, 0, 0, 0, 0]])
+    # sinks are kept outside a window: a mask with sinks and no window is an error, not a silent no-op
+    with pytest.raises(ValueError, match="sinks=2 are the slots kept outside a sliding window; give a window too"):
+        masks.Mask(causal=True, sinks=2)
 
 
 def test_visibility_mask_segments() -> None:
@@ -410,25 +455,26 @@ def test_visibility_mask_segments() -> None:
     # slot 3 (document 1) sees 2, 3; row 1: slot 2 (document 1) sees 1, 2 and slot 3 (document 1) sees 1, 2, 3.
     q_segments = jnp.array([[0, 1], [1, 1]])
     k_segments = jnp.array([[0, 0, 1, 1], [0, 1, 1, 1]])
-    mask = visibility_mask(jnp.array([2, 3]), jnp.arange(4), 4, None, q_segments=q_segments, k_segments=k_segments)
+    mask = _visibility(2, 2, 4, 4, None, q_segments=q_segments, k_segments=k_segments)
     expected = np.array([[[1, 1, 0, 0], [0, 0, 1, 1]], [[0, 1, 1, 0], [0, 1, 1, 1]]], bool)
     np.testing.assert_array_equal(mask, expected)
 
 
 def test_segments_come_in_pairs_of_the_right_shape() -> None:
     q, k, v = _qkv(6, 2, 3, 5, 2, 1, 8, jnp.float32)
+    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
     q_segments, k_segments = jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 5), jnp.int32)
     for attention in (chunked_attention, reference_attention):
         with pytest.raises(ValueError, match="q_segments was given without k_segments"):
-            attention(q, k, v, q_segments=q_segments)
+            attention(q, k, v, mask=masks.Mask(q_segments=q_segments))
         with pytest.raises(ValueError, match="k_segments was given without q_segments"):
-            attention(q, k, v, k_segments=k_segments)
+            attention(q, k, v, mask=masks.Mask(k_segments=k_segments))
         with pytest.raises(ValueError, match=re.escape("q_segments has shape (2, 5); expected (B, T) = (2, 3)")):
-            attention(q, k, v, q_segments=k_segments, k_segments=k_segments)
+            attention(q, k, v, mask=masks.documents(k_segments, k_segments))
         with pytest.raises(ValueError, match=re.escape("k_segments has shape (1, 5); expected (B, S) = (2, 5)")):
-            attention(q, k, v, q_segments=q_segments, k_segments=k_segments[:1])
+            attention(q, k, v, mask=masks.documents(q_segments, k_segments[:1]))
     with pytest.raises(ValueError, match="sinks=-1 must be >= 0"):
-        chunked_attention(q, k, v, window=2, sinks=-1)
+        masks.sliding_window(2, sinks=-1)
 
 
 def _listed_blocks(
@@ -443,28 +489,14 @@ def _listed_blocks(
     q_segments: np.ndarray | None = None,
     k_segments: np.ndarray | None = None,
 ) -> list[list[int]]:
-    """``key_blocks_to_visit`` for every query block, as lists; segment bounds per block computed with numpy."""
-    num_q, num_k = -(-q_len // q_block), -(-kv_len // kv_block)
+    """``key_blocks_to_visit`` of the mask's block layout for every query block, as lists."""
+    segments = (
+        {} if q_segments is None else {"q_segments": jnp.asarray(q_segments), "k_segments": jnp.asarray(k_segments)}
+    )
+    layout = _mask(q_offset, kv_length, window, sinks, **segments).block_layout(q_len, kv_len, q_block, kv_block)
     listed = []
-    for i in range(num_q):
-        bounds = {}
-        if q_segments is not None and k_segments is not None:
-            bounds["q_segment_min"] = jnp.asarray(q_segments[:, i * q_block : (i + 1) * q_block].min())
-            bounds["k_segment_max"] = jnp.asarray(
-                [k_segments[:, n * kv_block : (n + 1) * kv_block].max() for n in range(num_k)]
-            )
-        block_ids, count = key_blocks_to_visit(
-            i,
-            q_offset=q_offset,
-            q_len=q_len,
-            kv_length=kv_length,
-            q_block=q_block,
-            kv_block=kv_block,
-            num_key_blocks=num_k,
-            window=window,
-            sinks=sinks,
-            **bounds,
-        )
+    for row in layout:
+        block_ids, count = key_blocks_to_visit(row)
         listed.append(np.asarray(block_ids)[: int(count)].tolist())
     return listed
 

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lcm.ops import masks
 from lcm.ops import token_select as ts
 from lcm.ops.attention import reference_attention
 from lcm.ops.rotary import apply_rope
@@ -273,7 +274,8 @@ def test_full_attention_fallback_equals_reference() -> None:
         slots = jnp.broadcast_to(jnp.arange(capacity), (batch, capacity))
         k_rot = apply_rope(keys.swapaxes(1, 2), slots, inv_freq)
         q_rot = apply_rope(q, slots[:, length - q_len : length], inv_freq)
-        return reference_attention(q_rot, k_rot, values.swapaxes(1, 2), q_offset=length - q_len, kv_length=length)
+        mask = masks.causal() & masks.offsets(q_offset=length - q_len, kv_length=length)
+        return reference_attention(q_rot, k_rot.swapaxes(1, 2), values, mask=mask)
 
     expected = expected_fn(q, keys, values)
     chex.assert_trees_all_close(out, expected, **SAME_TOL)

@@ -7,11 +7,13 @@ rate of torch's CPU flash kernel. ``cpu_flash.cc`` does what torch does: one tas
 tile) on XLA's intra-op thread pool, a register-blocked Q·Kᵀ micro-kernel, the softmax in one sweep over the tile
 while it is in cache, and a P·V micro-kernel (AVX2 + FMA).
 
-Forward only; the VJP recomputes through the XLA path (training does not run on this kernel). It declines
-(``NotImplementedError``, so :mod:`lcm.kernels.attention.api` falls through to the next implementation) whenever
-it does not apply: a backend other than the CPU, a dtype other than float32, document masks (it takes left
-padding, ``kv_start``), a head dim that is not a multiple of 16, or no C++ compiler / no AVX2 on this machine (a
-one-time warning says why). Decode steps (one query per sequence, so one tile per KV head: fewer tasks than
+Forward only; the VJP recomputes through the XLA path (training does not run on this kernel). It reads the
+:class:`lcm.ops.masks.Mask` fields it implements (causal, ``q_offset``, ``kv_length``, ``window``, ``sinks``,
+``kv_start``) and declines (``NotImplementedError`` with the reason, so :mod:`lcm.kernels.attention.api` falls
+through to the next implementation) whenever it does not apply: a backend other than the CPU, a dtype other than
+float32, any other mask term (documents, prefix, bidirectional, block-sparse, a key offset), a log-sum-exp asked
+for, a head dim that is not a multiple of 16, or no C++ compiler / no AVX2 on this machine (a one-time warning
+says why). Decode steps (one query per sequence, so one tile per KV head: fewer tasks than
 threads) split the keys across tasks and merge the partial softmaxes at the end (split-K, as FlashDecoding does on
 GPUs).
 
@@ -39,16 +41,16 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from lcm.ops.attention import chunked_attention, stacked_cache
-from lcm.ops.masks import check_kv_start
+from lcm.kernels.attention.config import CpuConfig, XlaConfig, pick
+from lcm.ops import masks
+from lcm.ops.attention import chunked_attention
+from lcm.ops.masks import Mask
 
 SOURCE = Path(__file__).with_name("cpu_flash.cc")
 TARGET = "lcm_cpu_flash_attention"
-Q_BLOCK = 64  # queries per task: with 3 grouped heads a 192 x 64 score tile (BENCHMARKS.md)
-LONG_Q_BLOCK = 128  # queries per task in a call that sees LONG_KEYS keys or more: fewer passes over them
-LONG_KEYS = 8192  # (BENCHMARKS.md: 128-query tiles are 16% faster over a 16k prefill, a tie at 8k, slower at 2k)
-KV_BLOCK = 64  # keys per inner step
-MIN_SPLIT_KEYS = 256  # split-K (decode): the fewest keys per split; shorter splits cost more to set up than they save
+_DEFAULT = CpuConfig()  # the tuned tiles (lcm.kernels.attention.config)
+Q_BLOCK, LONG_Q_BLOCK, LONG_KEYS = _DEFAULT.q_block, _DEFAULT.long_q_block, _DEFAULT.long_keys
+KV_BLOCK, MIN_SPLIT_KEYS = _DEFAULT.kv_block, _DEFAULT.min_split_keys
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -141,7 +143,7 @@ def flash_call(target, q, k, v, layer, q_offset, kv_length, kv_start, *, window,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _flash(q, k, v, layer, q_offset, kv_length, kv_start, window, sinks, scale, tiles, xla_kwargs):
+def _flash(q, k, v, layer, q_offset, kv_length, kv_start, window, sinks, scale, tiles, xla_config):
     return flash_call(
         TARGET, q, k, v, layer, q_offset, kv_length, kv_start, window=window, sinks=sinks, scale=scale, tiles=tiles
     )
@@ -152,24 +154,16 @@ def _flash_fwd(q, k, v, layer, q_offset, kv_length, kv_start, *static):
     return _flash(*residuals, *static), residuals
 
 
-def _flash_bwd(window, sinks, scale, tiles, xla_kwargs, residuals, d_out):
+def _flash_bwd(window, sinks, scale, tiles, xla_config, residuals, d_out):
     """The XLA path's FlashAttention-2 backward (it recomputes the forward's statistics)."""
     q, k, v, layer, q_offset, kv_length, kv_start = residuals
+    mask = masks.causal() & masks.offsets(q_offset, kv_length) & masks.left_padding(kv_start)
+    if window is not None:
+        mask &= masks.sliding_window(window, sinks)
 
     def xla(q, k, v):
         return chunked_attention(
-            q,
-            k,
-            v,
-            q_offset=q_offset,
-            kv_length=kv_length,
-            kv_start=kv_start,
-            window=window,
-            sinks=sinks,
-            scale=scale,
-            heads_first=True,
-            layer=layer,
-            **dict(xla_kwargs),
+            q, k, v, mask=mask, scale=scale, q_block=xla_config.q_block, kv_block=xla_config.kv_block, layer=layer
         )
 
     _, vjp = jax.vjp(xla, q, k, v)
@@ -181,70 +175,69 @@ def _flash_bwd(window, sinks, scale, tiles, xla_kwargs, residuals, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def declines(q: jax.Array, k: jax.Array, mask: Mask, normalizer: str, return_lse: bool) -> str | None:
+    """Why the kernel cannot take a call, or None. It reads the mask's causal rule, offsets, filled length,
+    window, sinks and left padding; anything else in the mask is a reason."""
+    if normalizer != "softmax":
+        return f"normalizer {normalizer!r} (softmax only)"
+    if return_lse:
+        return "it does not return the log-sum-exp"
+    if not mask.causal:
+        return "bidirectional masks (causal only)"
+    unsupported = [name for name in ("q_segments", "prefix") if getattr(mask, name) is not None]
+    if mask.sparse is not None:
+        unsupported.append("block-sparse layout")
+    if not (isinstance(mask.k_offset, int) and mask.k_offset == 0):
+        unsupported.append("k_offset")
+    if unsupported:
+        return f"no {', '.join(unsupported)} in the mask"
+    if q.dtype != jnp.float32 or k.dtype != jnp.float32:
+        return f"float32 only, got {q.dtype}/{k.dtype}"
+    if q.shape[3] % 16:
+        return f"head_dim % 16 == 0 only, got {q.shape[3]}"
+    if not available():
+        return "not available on this machine (see the warning)"
+    return None
+
+
 def cpu_flash_attention(
     q: Float[Array, "B T H D"],
-    k: Float[Array, "B S K D"],
-    v: Float[Array, "B S K D"],
+    k: Float[Array, "B K S D"],
+    v: Float[Array, "B K S D"],
     *,
-    q_offset: Int[Array, ""] | int = 0,
-    kv_length: Int[Array, ""] | int | None = None,
-    window: int | None = None,
-    sinks: int = 0,
-    q_segments: Int[Array, "B T"] | None = None,
-    k_segments: Int[Array, "B S"] | None = None,
-    kv_start: Int[Array, " B"] | None = None,
-    scale: float | None = None,
-    q_block: int = 256,
-    kv_block: int = 256,
-    heads_first: bool = False,
-    layer: Int[Array, ""] | int | None = None,
-    cpu_q_block: int = Q_BLOCK,
-    cpu_kv_block: int = KV_BLOCK,
-    cpu_min_split_keys: int = MIN_SPLIT_KEYS,
-    cpu_long_q_block: int = LONG_Q_BLOCK,
-    cpu_long_keys: int = LONG_KEYS,
+    mask: Mask,
+    scale: float | None,
+    normalizer: str,
+    return_lse: bool,
+    configs: tuple,
+    layer: Int[Array, ""] | int | None,
 ) -> Float[Array, "B T H D"]:
-    """:func:`lcm.ops.attention.chunked_attention` (same arguments, same result to float32 rounding) on the CPU
-    kernel. ``q_block``/``kv_block`` are the XLA path's tiles, used only by the backward; the kernel tiles with
-    ``cpu_q_block`` queries x ``cpu_kv_block`` keys, or ``cpu_long_q_block`` queries in a call that sees at least
-    ``cpu_long_keys`` keys (0: never); when there are fewer tiles than twice the threads (decode steps), keys are
-    split across tasks, at least ``cpu_min_split_keys`` per split (0: never split). Raises
-    ``NotImplementedError`` where the module docstring says it declines."""
-    head_dim = q.shape[3]
-    if q_segments is not None or k_segments is not None:
-        raise NotImplementedError("the CPU kernel has no document masks")
-    if q.dtype != jnp.float32 or k.dtype != jnp.float32 or v.dtype != jnp.float32:
-        raise NotImplementedError(f"the CPU kernel is float32 only, got {q.dtype}/{k.dtype}/{v.dtype}")
-    if head_dim % 16:
-        raise NotImplementedError(f"the CPU kernel needs head_dim % 16 == 0, got {head_dim}")
-    if cpu_kv_block <= 0 or cpu_kv_block % 16 or min(cpu_q_block, cpu_long_q_block) <= 0:
-        raise ValueError(
-            f"cpu_kv_block={cpu_kv_block} must be a multiple of 16, cpu_q_block={cpu_q_block} and "
-            f"cpu_long_q_block={cpu_long_q_block} >= 1"
-        )
-    if cpu_min_split_keys < 0 or cpu_long_keys < 0:
-        raise ValueError(f"cpu_min_split_keys={cpu_min_split_keys} and cpu_long_keys={cpu_long_keys} must be >= 0")
-    if not available():
-        raise NotImplementedError("the CPU kernel is not available here (see the warning)")
-    k, v, layer = stacked_cache(q, k, v, heads_first=heads_first, layer=layer, sinks=sinks)
+    """:func:`lcm.kernels.attention.api.attention` (arguments already checked there) on the CPU kernel: the same
+    result as the XLA path to float32 rounding. Raises ``NotImplementedError`` with the reason where
+    :func:`declines` gives one. Tiles come from the :class:`CpuConfig` among ``configs`` (the backward from the
+    :class:`XlaConfig`): a call that sees at least ``long_keys`` keys uses ``long_q_block`` queries per task; when
+    there are fewer tiles than twice the threads (decode steps), keys are split across tasks."""
+    reason = declines(q, k, mask, normalizer, return_lse)
+    if reason is not None:
+        raise NotImplementedError(reason)
+    if layer is None:
+        k, v, layer = k[None], v[None], 0
     cap = k.shape[3]
-    if kv_start is None:
-        kv_start = jnp.zeros((q.shape[0],), jnp.int32)
-    check_kv_start(kv_start, q.shape[0])
-    kv_length = jnp.asarray(cap if kv_length is None else kv_length, jnp.int32)
-    scale = head_dim**-0.5 if scale is None else float(scale)
-    xla_kwargs = (("q_block", q_block), ("kv_block", kv_block))
+    kv_start = mask.kv_start if mask.kv_start is not None else jnp.zeros((q.shape[0],), jnp.int32)
+    kv_length = jnp.minimum(jnp.asarray(cap if mask.kv_length is None else mask.kv_length, jnp.int32), cap)
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    tiles = pick(configs, CpuConfig)
     return _flash(
         q,
         k,
         v,
         jnp.asarray(layer, jnp.int32),
-        jnp.asarray(q_offset, jnp.int32),
+        jnp.asarray(mask.q_offset, jnp.int32),
         kv_length,
         kv_start.astype(jnp.int32),
-        window,
-        sinks,
+        mask.window,
+        mask.sinks,
         scale,
-        Tiles(cpu_q_block, cpu_long_q_block, cpu_long_keys, cpu_kv_block, cpu_min_split_keys),
-        xla_kwargs,
+        Tiles(tiles.q_block, tiles.long_q_block, tiles.long_keys, tiles.kv_block, tiles.min_split_keys),
+        pick(configs, XlaConfig),
     )
