@@ -7,12 +7,7 @@ then the implementations are timed alternately, ``--steps`` greedy steps per rep
 shared machine hits them alike. Reported: compile seconds, minimum and median ms/token, and whether the
 implementations produced the same tokens.
 
-``--jit persistent,plain`` also times the step through :func:`lcm.io.compile_cache.persistent_jit`'s wrapper (the
-executable looked up by the call's key on every step; what the Engine runs) against the plain ``jax.jit`` it wraps:
-the per-token cost of keeping executables on disk.
-
     python benchmarks/decode_ab.py --implementations xla,auto --lengths 2048,8192,16384
-    python benchmarks/decode_ab.py --implementations auto --jit persistent,plain --lengths 2048
 """
 
 from __future__ import annotations
@@ -20,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import tempfile
 import time
 
 import jax
@@ -29,7 +23,6 @@ import numpy as np
 from flax import nnx
 
 from lcm.cli import int_list, str_list
-from lcm.io.compile_cache import enable_compilation_cache
 from lcm.kernels.attention import api
 from lcm.models.llama import Llama, LlamaConfig
 from lcm.steps import decode_step
@@ -59,12 +52,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--lengths", type=int_list, default="2048,8192,16384", help="filled cache lengths, comma-separated"
     )
-    parser.add_argument(
-        "--jit",
-        type=str_list,
-        default="persistent",
-        help="persistent (the Engine's wrapper, executables kept on disk) and/or plain (jax.jit), comma-separated",
-    )
     parser.add_argument("--steps", type=int, default=16, help="decode steps per repetition")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args(argv)
@@ -73,11 +60,6 @@ def main(argv: list[str] | None = None) -> None:
         api.resolve(name)  # a one-line ValueError for an unknown name
     if args.steps <= 0 or args.reps <= 0:
         parser.error("need positive --steps and --reps")
-    if not args.jit or set(args.jit) - {"persistent", "plain"}:
-        parser.error(f"--jit {','.join(args.jit)!r}: choose from persistent, plain")
-    if "persistent" in args.jit:  # the wrapper keys and stores executables only while a cache is enabled
-        enable_compilation_cache(tempfile.mkdtemp(prefix="lcm-decode-ab-"))
-    steps = {"persistent": decode_step, "plain": decode_step._jitted}  # noqa: SLF001 - the jax.jit it wraps
 
     model = Llama(LlamaConfig(), rngs=nnx.Rngs(0))  # SmolLM2's shapes are the config defaults
     _, params = nnx.split(model)
@@ -85,8 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in implementations:
         model.config = dataclasses.replace(model.config, attention_implementation=name)
         graphdefs[name] = nnx.split(model)[0]
-        for jit in args.jit:  # a row per implementation and wrapper
-            runs[name if len(args.jit) == 1 else f"{name}, {jit}"] = (graphdefs[name], steps[jit])
+        runs[name] = (graphdefs[name], decode_step)
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; steps {args.steps}, reps {args.reps}")
     print("| filled | implementation | compile s | ms/token min | ms/token median | tokens as the first |")
     print("|---|---|---|---|---|---|")

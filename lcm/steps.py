@@ -9,7 +9,6 @@ capacity) shape, and the cache is donated, so XLA updates it in place.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +16,10 @@ from flax import nnx
 
 from lcm.cache.kv import KVCache, record_novelty, token_novelty
 from lcm.cache.policies import KVPolicy, compress
-from lcm.io.compile_cache import persistent_jit
-from lcm.kernels.attention.api import register_custom_calls
 from lcm.models.llama import Llama
 
-# jax.jit, plus executables kept on disk while the compilation cache is on: a later process loads them untraced
-_jit = functools.partial(persistent_jit, before_load=register_custom_calls)
+# plain jax.jit: JAX's persistent cache (lcm.io.compile_cache) keys on the traced program, so it never goes stale
+_jit = jax.jit
 
 
 def run_chunk(

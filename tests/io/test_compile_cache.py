@@ -1,25 +1,15 @@
-"""CompileStats counts what JAX compiles, the persistent cache turns a recompilation into a disk hit, and
-persistent_jit loads a stored executable in a new process without tracing."""
+"""CompileStats counts what JAX compiles, the persistent cache turns a recompilation into a disk hit, and a cached
+program never outlives an edit of the code it was traced from (a user's own KV policy included)."""
 
 import subprocess
 import sys
-import textwrap
-import warnings
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from lcm.io import compile_cache
-from lcm.io.compile_cache import (
-    CompileStats,
-    compilation_cache_dir,
-    disable_executable_cache,
-    enable_compilation_cache,
-    persistent_jit,
-)
+from lcm.io.compile_cache import CompileStats, compilation_cache_dir, enable_compilation_cache
 
 
 @pytest.fixture
@@ -34,7 +24,6 @@ def isolated_cache(tmp_path: Path):
         enable_compilation_cache(before)
     else:
         jax.config.update("jax_compilation_cache_dir", None)
-        disable_executable_cache()
 
 
 def test_second_compilation_of_the_same_program_is_a_disk_cache_hit(isolated_cache: Path) -> None:
@@ -73,159 +62,56 @@ def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
     assert compilation_cache_dir() == tmp_path / "elsewhere"
 
 
-# A program in a fresh process, twice: the body prints when traced, so the second process shows it was not.
-_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    import jax, jax.numpy as jnp, numpy as np
-    from lcm.io.compile_cache import CompileStats, enable_compilation_cache, persistent_jit
-
-    enable_compilation_cache(sys.argv[1], executables=True)
-
-    @persistent_jit(static_argnums=(0,), donate_argnames=("state",))
-    def step(power, x, state):
-        print("TRACED", flush=True)
-        return jnp.tanh(x) ** power + 0.5, state + x.sum()
-
-    x = jnp.asarray(np.linspace(-2.0, 2.0, 13, dtype=np.float32))
-    state = jnp.zeros((), jnp.float32)
-    with CompileStats() as stats:
-        y, new_state = step(3, x, state)
-    print("DONATED", state.is_deleted())
-    print("HITS", stats.cache_hits, "PROGRAMS", stats.programs)
-    print("RESULT", " ".join(f"{v:.8e}" for v in np.asarray(y)), float(new_state))
-    """
-)
+# A user's own KV policy, in a module of their own, run through lcm's jitted steps in a fresh process sharing one
+# cache directory; between the two runs the policy is edited (keep the even slots, then the odd ones).
+_POLICY = """
+import dataclasses
+from typing import ClassVar
+import jax.numpy as jnp
+from lcm.cache.policies import KVPolicy
 
 
-def _run(script: Path, cache: Path) -> str:
-    done = subprocess.run([sys.executable, str(script), str(cache)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+@dataclasses.dataclass(frozen=True)
+class EveryOther(KVPolicy):
+    name: ClassVar[str] = "every_other"
+
+    def priority(self, scores, length, prompt_seen):
+        slots = jnp.arange(scores.shape[-1])
+        rank = jnp.where(slots % 2 == PARITY, 1.0, 0.0)
+        return jnp.broadcast_to(jnp.where(slots < length, rank, -jnp.inf), scores.shape)
+"""
+
+_RUN = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from lcm.generate import Engine
+from lcm.io.compile_cache import enable_compilation_cache
+from lcm.models.llama import LlamaConfig, random_model
+from mypolicy import EveryOther
+
+enable_compilation_cache(sys.argv[1])
+cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
+engine = Engine(random_model(cfg, seed=0), chunk_size=16, policy=EveryOther(budget=16))
+tokens = np.arange(40, dtype=np.int32)[None] % 64
+cache = engine.new_cache(1, engine.prompt_capacity(40) + 1)
+_, cache = engine.prefill(tokens, cache)
+print("KEPT", float(np.asarray(cache.keys)[..., : int(cache.length), :].sum()))
+"""
 
 
-def test_persistent_jit_loads_the_executable_in_a_new_process_without_tracing(tmp_path: Path) -> None:
-    script = tmp_path / "prog.py"
-    script.write_text(_SCRIPT)
-    first = _run(script, tmp_path / "cache")
-    assert "TRACED" in first and "HITS 0 PROGRAMS 1" in first
-    stored = list((tmp_path / "cache" / "lcm-executables").glob("__main__.step-*.pkl"))
-    assert len(stored) == 1
-    second = _run(script, tmp_path / "cache")
-    assert "TRACED" not in second, "the second process traced the function again"
-    assert "HITS 1 PROGRAMS 1" in second
-    assert "DONATED True" in second  # donation survives serialisation: the state buffer was reused
-    # the loaded program computes what the compiled one did, bit for bit, and what plain jnp computes
-    result = first.split("RESULT ")[1].split()
-    assert second.split("RESULT ")[1].split() == result
-    x = np.linspace(-2.0, 2.0, 13, dtype=np.float32)
-    # XLA's tanh is a rational approximation a few float32 ulps from numpy's: 1e-6 absolute on values near 1
-    np.testing.assert_allclose(np.array(result[:-1], np.float32), np.tanh(x) ** 3 + 0.5, atol=1e-6)
-
-
-# A program with gathers (what the failing CLI programs had), in three fresh processes sharing one cache directory.
-_GATHER_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    import jax, jax.numpy as jnp, numpy as np
-    from lcm.io.compile_cache import enable_compilation_cache, persistent_jit
-
-    enable_compilation_cache(sys.argv[1], executables=sys.argv[2] == "executables")
-
-    @persistent_jit
-    def lookup(table, idx, x):
-        print("TRACED", flush=True)
-        rows = table[idx]
-        return jnp.sort(jnp.tanh(rows @ x.T).reshape(-1))[:5] + jnp.take(table.reshape(-1), idx * 3).sum()
-
-    table = jnp.asarray(np.arange(64.0, dtype=np.float32)[None, :] * np.ones((1000, 1), np.float32) / 64.0)
-    idx = jnp.asarray(np.arange(100, dtype=np.int32) * 7 % 1000)
-    x = jnp.asarray(np.linspace(-1.0, 1.0, 32 * 64, dtype=np.float32).reshape(32, 64))
-    print("RESULT", " ".join(f"{v:.8e}" for v in np.asarray(lookup(table, idx, x))))
-    """
-)
-
-
-def test_an_executable_jax_loaded_from_its_cache_is_never_stored(tmp_path: Path) -> None:
-    """Regression (2026-12-02): JAX's cache held a program, persistent_jit stored the executable JAX loaded from it,
-    and a later process failed running that copy: "NOT_FOUND: Function gather_bitcast_fusion not found"."""
-    script, cache = tmp_path / "gather.py", tmp_path / "cache"
-    script.write_text(_GATHER_SCRIPT)
-
-    def run(mode: str) -> str:
+def test_an_edited_user_policy_never_runs_its_old_program(tmp_path: Path) -> None:
+    """[V] item 0: the second run loads from the same cache directory, but runs the edited code."""
+    (tmp_path / "run.py").write_text(_RUN)
+    kept = []
+    for parity in (0, 1):
+        (tmp_path / "mypolicy.py").write_text(_POLICY.replace("PARITY", str(parity)))
         done = subprocess.run(
-            [sys.executable, str(script), str(cache), mode], capture_output=True, text=True, timeout=300
+            [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "cache"), str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout
-
-    plain = run("jax-only")  # JAX's cache now holds the program under its own name
-    assert not (cache / "lcm-executables").exists()
-    stored = run("executables")  # compiled afresh under the versioned name, then stored
-    entries = list((cache / "lcm-executables").glob("*.pkl"))
-    assert len(entries) == 1
-    loaded = run("executables")  # runs the stored copy: it raised NOT_FOUND before the fix
-    assert "TRACED" not in loaded
-    assert plain.split("RESULT ")[1] == stored.split("RESULT ")[1] == loaded.split("RESULT ")[1]
-
-    entries[0].unlink()  # our entry gone, JAX's copy of the versioned program still there: a JAX hit, not stored
-    again = run("executables")
-    assert "TRACED" in again and not list((cache / "lcm-executables").glob("*.pkl"))
-    assert again.split("RESULT ")[1] == plain.split("RESULT ")[1]
-
-
-@pytest.fixture
-def executable_cache(tmp_path: Path):
-    before = jax.config.jax_compilation_cache_dir
-    yield enable_compilation_cache(tmp_path / "xla", executables=True) / "lcm-executables"
-    disable_executable_cache()
-    if before is not None:
-        enable_compilation_cache(before)
-    else:
-        jax.config.update("jax_compilation_cache_dir", None)
-        disable_executable_cache()
-
-
-def test_one_entry_per_shape_dtype_and_static_value(executable_cache: Path) -> None:
-    traces = []
-
-    @persistent_jit(static_argnums=(1,))
-    def scale(x, factor):
-        traces.append((x.shape, x.dtype, factor))
-        return x * factor
-
-    np.testing.assert_array_equal(scale(jnp.ones(3), 2), np.full(3, 2.0))
-    np.testing.assert_array_equal(scale(jnp.ones(3), 2), np.full(3, 2.0))  # in memory: no new trace
-    np.testing.assert_array_equal(scale(jnp.ones(4), 2), np.full(4, 2.0))
-    np.testing.assert_array_equal(scale(jnp.ones(3, jnp.int32), 2), np.full(3, 2))
-    np.testing.assert_array_equal(scale(jnp.ones(3), 5), np.full(3, 5.0))
-    assert len(traces) == 4
-    assert len(list(executable_cache.glob("*.pkl"))) == 4
-
-
-def test_a_corrupt_entry_is_rebuilt_with_a_warning(executable_cache: Path) -> None:
-    def double(x):
-        return x * 2.0 + 1.0
-
-    persistent_jit(double)(jnp.ones(5))
-    (entry,) = executable_cache.glob("*.pkl")
-    entry.write_bytes(b"not an executable")
-    fresh = persistent_jit(double)  # a new wrapper has nothing in memory: it goes to the disk entry
-    with pytest.warns(UserWarning, match="unreadable cached executable"):
-        np.testing.assert_array_equal(fresh(jnp.ones(5)), np.full(5, 3.0))
-    assert not entry.exists()  # dropped: this compile was a JAX cache hit, which is never stored
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        np.testing.assert_array_equal(persistent_jit(double)(jnp.ones(5)), np.full(5, 3.0))  # no second warning
-
-
-def test_without_the_cache_it_is_plain_jit(tmp_path: Path) -> None:
-    disable_executable_cache()
-    assert compile_cache._executable_dir is None
-
-    @persistent_jit
-    def add(x):
-        return x + 1.0
-
-    np.testing.assert_array_equal(add(jnp.zeros(2)), np.ones(2))
-    assert not any(tmp_path.iterdir())
+        kept.append(next(line for line in done.stdout.splitlines() if line.startswith("KEPT")))
+    assert kept[0] != kept[1], kept

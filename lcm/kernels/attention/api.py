@@ -66,12 +66,6 @@ def default_implementation(platform: str | None = None) -> tuple[str, ...]:
     return DEFAULTS.get(platform or jax.default_backend(), ("xla",))
 
 
-def register_custom_calls() -> None:
-    """Register every backend's custom calls that this process can run. Tracing a call registers its kernel;
-    an executable loaded from disk without tracing (``lcm.io.compile_cache.persistent_jit``) needs this first."""
-    cpu.available()
-
-
 def attention(
     q: Float[Array, "B T H D"],
     k: Float[Array, "B K S D"],
