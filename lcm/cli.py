@@ -1,5 +1,6 @@
 """``lcm``: the command line. Thin by design: every command calls functions that notebooks can import.
 
+    lcm [--import MODULE ...] COMMAND ...   (MODULE registers its own KV policies / RoPE variants first)
     lcm run CONFIG[:ARG] [--config.x=y ...]
     lcm fetch-model NAME
     lcm eval perplexity --model M --input FILE --length N [--stride S] [--rope SPEC] [--json]
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -280,10 +282,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    from lcm.cache.policies import POLICIES
+
     p.add_argument(
         "--policy",
         default="full",
-        help="KV policy NAME[:k=v,...]: full, streamingllm, snapkv, h2o, tokenselect, infinipot, locret",
+        help=f"KV policy NAME[:k=v,...]: {', '.join(sorted(POLICIES))} (and any --import registers)",
     )
     p.add_argument("--budget", type=int, default=0, help="KV budget in tokens per layer and KV head (0 = full)")
 
@@ -368,8 +372,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def import_modules(argv: list[str]) -> list[str]:
+    """Import every ``--import MODULE`` (or ``--import=MODULE``) of ``argv``, anywhere in it, so that the KV
+    policies and RoPE variants it registers are known when the rest is parsed; ``argv`` without them. The
+    current directory is searched first, as ``python -m`` does."""
+    import importlib
+
+    rest, modules = [], []
+    items = iter(argv)
+    for item in items:
+        if item == "--import":
+            module = next(items, None)
+            if module is None or module.startswith("-"):
+                raise BadInput("--import needs a module name, e.g. --import mypkg.policies")
+            modules.append(module)
+        elif item.startswith("--import="):
+            modules.append(item.split("=", 1)[1])
+        else:
+            rest.append(item)
+    if modules and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise BadInput(f"--import {module}: {err}") from None
+    return rest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = import_modules(argv)
+    except (BadInput, ValueError, TypeError) as err:
+        print(f"lcm: error: {err}".splitlines()[0], file=sys.stderr)
+        return EXIT_BAD_INPUT
     parser = build_parser()
     overrides = [a for a in argv if a.startswith("--config.")]
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])

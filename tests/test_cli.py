@@ -144,3 +144,38 @@ def test_every_config_variant_loads_and_names_a_job(spec: str) -> None:
     assert cfg.job in cli._jobs()
     if cfg.job == "eval_grid":
         spec_from_config(cfg)  # validates tasks, policies, budgets and lengths without loading a model
+
+
+def test_policy_and_rope_registered_from_outside(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smollm2_gguf: Path
+) -> None:
+    """The README's own module, written to a folder of its own and imported by `--import`: its policy and RoPE
+    variant run by name through `lcm eval passkey`, without editing lcm; the policy keeps the newest entries, so
+    the budget holds and the needle at depth 0 is gone while one at depth 1 is found."""
+    import sys
+
+    from lcm.cache.policies import POLICIES
+    from lcm.ops.rope import ROPE_VARIANTS
+
+    readme = (REPO / "README.md").read_text()
+    source = readme.split("# mypolicies.py\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "mypolicies.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        results = {}
+        for depth in ("0", "1"):
+            argv = ["--import", "mypolicies", "eval", "passkey", "--model", "smollm2", "--lengths", "1024"]
+            argv += ["--trials", "1", "--depth", depth, "--policy", "recent", "--budget", "256"]
+            argv += ["--rope", "base_scaled:factor=1", "--json"]
+            code, out, err = run_cli(capsys, *argv)
+            assert code == 0, err
+            results[depth] = json.loads(out.strip().splitlines()[-1])
+        assert results["1"]["accuracy"] == {"1024": 1.0}, results["1"]
+        assert results["0"]["accuracy"] == {"1024": 0.0}, results["0"]
+        code, _, err = run_cli(capsys, "--import", "no_such_module_xyz", "eval", "passkey", "--lengths", "64")
+        assert code == cli.EXIT_BAD_INPUT and "--import no_such_module_xyz" in err and len(err.splitlines()) == 1
+    finally:
+        POLICIES.pop("recent", None)
+        ROPE_VARIANTS.pop("base_scaled", None)
+        sys.modules.pop("mypolicies", None)

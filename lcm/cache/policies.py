@@ -286,6 +286,27 @@ POLICIES: dict[str, type[KVPolicy]] = {
 }
 
 
+def register_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
+    """Register a KV policy from any module (usable as a class decorator): ``cls.name`` becomes a name that
+    ``make_policy``, ``parse_policy``, the CLI's ``--policy NAME:k=v`` and the eval grid accept.
+
+    ``cls`` must be a frozen dataclass subclassing :class:`KVPolicy` (a static argument of the jitted programs);
+    registering a second class under a taken name is an error, re-registering the same class is not."""
+    if not (isinstance(cls, type) and issubclass(cls, KVPolicy)):
+        raise TypeError(f"register_policy takes a KVPolicy subclass, got {cls!r}")
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is None or not params.frozen or "__dataclass_fields__" not in cls.__dict__:
+        raise TypeError(f"KV policy {cls.__name__} must be a frozen dataclass: @dataclasses.dataclass(frozen=True)")
+    name = cls.name
+    if not isinstance(name, str) or not name or ":" in name or "," in name or name != name.strip():
+        raise ValueError(f"KV policy {cls.__name__}: name={name!r} must be non-empty text without ':' or ','")
+    taken = POLICIES.get(name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"KV policy name {name!r} is taken by {taken.__module__}.{taken.__qualname__}")
+    POLICIES[name] = cls
+    return cls
+
+
 def make_policy(name: str, budget: int = 0, **params: Any) -> KVPolicy:
     """A policy by registry name, with its budget in tokens and its own parameters (numbers, or text)."""
     if name not in POLICIES:

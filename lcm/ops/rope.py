@@ -370,6 +370,29 @@ ROPE_VARIANTS: dict[str, RopeVariant] = {
 }
 
 
+def register_rope_variant(variant: RopeVariant) -> RopeVariant:
+    """Register a RoPE variant from any module: ``variant.name`` becomes a name that model configs, ``--rope
+    NAME:k=v`` and the eval grid accept. Its parameters must be among the named ones (:data:`PARAMETERS`), each
+    meaning the same in every variant; registering another variant under a taken name is an error."""
+    if not isinstance(variant, RopeVariant):
+        raise TypeError(f"register_rope_variant takes a RopeVariant, got {type(variant).__name__}")
+    if not variant.name or ":" in variant.name or "," in variant.name:
+        raise ValueError(f"rope variant name {variant.name!r} must be non-empty text without ':' or ','")
+    unknown = sorted(set(variant.allowed_params()) - set(_PARAMS))
+    if unknown:
+        raise ValueError(
+            f"rope variant {variant.name!r}: unknown parameter(s) {unknown}; choose from {sorted(_PARAMS)}"
+        )
+    taken = ROPE_VARIANTS.get(variant.name)
+    if taken is not None and taken != variant:
+        raise ValueError(f"rope variant name {variant.name!r} is already registered")
+    ROPE_VARIANTS[variant.name] = variant
+    return variant
+
+
+PARAMETERS = _PARAMS  # the parameter names every variant shares, with their types and allowed ranges
+
+
 def _variant(name: str) -> RopeVariant:
     if name not in ROPE_VARIANTS:
         raise ValueError(f"unknown rope variant {name!r}; choose one of {sorted(ROPE_VARIANTS)}")

@@ -202,3 +202,39 @@ def test_registry_names_are_the_contract() -> None:
     assert {"full", "streamingllm", "snapkv", "h2o", "tokenselect", "infinipot", "locret"} <= set(POLICIES)
     assert parse_policy("streamingllm:sinks=2", 16) == StreamingLLM(budget=16, sinks=2)
     assert isinstance(make_policy("full"), KVPolicy) and not make_policy("full").bounded
+
+
+def test_register_policy_checks_its_class_and_name() -> None:
+    import dataclasses
+    from typing import ClassVar
+
+    from lcm.cache.policies import POLICIES, KVPolicy, parse_policy, register_policy
+
+    @dataclasses.dataclass(frozen=True)
+    class Oldest(KVPolicy):
+        name: ClassVar[str] = "oldest_test"
+        keep_first: int = 0
+
+    try:
+        assert register_policy(Oldest) is Oldest and register_policy(Oldest) is Oldest  # idempotent
+        policy = parse_policy("oldest_test:keep_first=3", 64)
+        assert isinstance(policy, Oldest) and policy.keep_first == 3 and policy.budget == 64
+
+        @dataclasses.dataclass(frozen=True)
+        class Impostor(KVPolicy):
+            name: ClassVar[str] = "oldest_test"
+
+        with pytest.raises(ValueError, match="KV policy name 'oldest_test' is taken by"):
+            register_policy(Impostor)
+        with pytest.raises(ValueError, match="KV policy name 'h2o' is taken by"):
+            register_policy(dataclasses.dataclass(frozen=True)(type("H2OToo", (Impostor,), {"name": "h2o"})))
+
+        class NotFrozen(KVPolicy):
+            name: ClassVar[str] = "loose"
+
+        with pytest.raises(TypeError, match="must be a frozen dataclass"):
+            register_policy(NotFrozen)
+        with pytest.raises(TypeError, match="takes a KVPolicy subclass"):
+            register_policy(dict)
+    finally:
+        POLICIES.pop("oldest_test", None)

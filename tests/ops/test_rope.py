@@ -590,3 +590,25 @@ def test_validate_rope_params_errors(variant: str, params: dict, head_dim: int, 
 def test_rope_frequencies_rejects_bad_base(base: Any) -> None:
     with pytest.raises(ValueError, match="rope base must be a finite number > 1"):
         rope.rope_frequencies("default", 64, base)
+
+
+def test_register_rope_variant_from_outside() -> None:
+    import numpy as np
+
+    from lcm.ops.rope import ROPE_VARIANTS, RopeVariant, parse_rope_spec, register_rope_variant, rope_frequencies
+
+    def halved(head_dim, base, params, seq_len):
+        return 0.5 * base ** -(np.arange(0, head_dim, 2) / head_dim), 1.0
+
+    try:
+        register_rope_variant(RopeVariant("halved_test", halved))
+        assert parse_rope_spec("halved_test") == ("halved_test", {})
+        inv_freq, _ = rope_frequencies("halved_test", 8, 10000.0, {})
+        default, _ = rope_frequencies("default", 8, 10000.0, {})
+        np.testing.assert_allclose(inv_freq, 0.5 * np.asarray(default), rtol=1e-6)
+        with pytest.raises(ValueError, match="rope variant name 'halved_test' is already registered"):
+            register_rope_variant(RopeVariant("halved_test", lambda *a: halved(*a)))
+        with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['speed'\]; choose from"):
+            register_rope_variant(RopeVariant("fast_test", halved, required=("speed",)))
+    finally:
+        ROPE_VARIANTS.pop("halved_test", None)
