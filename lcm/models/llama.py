@@ -26,8 +26,9 @@ from lcm.cache.kv import KVCache, init_cache
 from lcm.kernels.attention import api as attention_api
 from lcm.kernels.attention.config import XlaConfig
 from lcm.models.decoder_layer import LayerSettings, decoder_layer
+from lcm.ops import masks, rotary
 from lcm.ops import rope as rope_ops
-from lcm.ops import rotary
+from lcm.ops.masks import Mask
 
 # variants that scale relative to the trained context L0; `with_rope` fills it in from the model
 _USES_ORIGINAL_LENGTH = frozenset({"dynamic", "yarn", "llama3", "longrope"})
@@ -196,6 +197,36 @@ class Block(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype, rngs)
         self.mlp = MLP(cfg, rngs)
 
+    def __call__(
+        self,
+        x: Float[Array, "B T D"],
+        rotation: tuple[Float[Array, "B T R"], Float[Array, "B T R"]],
+        mask: Mask,
+        attention: AttentionSettings,
+    ) -> Float[Array, "B T D"]:
+        """The stateless block (the training forward): fresh keys and values of these ``T`` tokens, attended under
+        ``mask``; differentiable, and no cache in the graph, so a backward holds one layer's ``dK``/``dV``."""
+        q, k, v = self.attn.project_qkv(self.input_norm(x))
+        q, k = rotary.rotate(q, *rotation), rotary.rotate(k, *rotation)
+        attn = attention_api.attention(
+            q,
+            k.swapaxes(1, 2),
+            v.swapaxes(1, 2),
+            mask=mask,
+            implementation=attention.implementation,
+            config=attention.config,
+        )
+        x = x + self.attn.output(attn)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSettings:
+    """How a block calls :func:`lcm.kernels.attention.api.attention` (static): implementations and their configs."""
+
+    implementation: tuple[str, ...]
+    config: tuple[XlaConfig, ...]
+
 
 class Llama(nnx.Module):
     """Decoder-only LM. ``model(tokens, positions, cache) -> (logits, cache)``; ``rngs=None`` builds shapes only
@@ -319,6 +350,49 @@ class Llama(nnx.Module):
         )
         return x, new_cache
 
+    def train_hidden_states(
+        self,
+        tokens: Int[Array, "B T"],
+        positions: Int[Array, "B T"],
+        segment_ids: Int[Array, "B T"] | None = None,
+        *,
+        remat: bool = False,
+    ) -> Float[Array, "B T D"]:
+        """The training forward: no cache, fresh keys and values, differentiable; final hidden states ``[B, T, D]``.
+
+        ``segment_ids`` packs documents into a row: a token attends only to earlier tokens of its own document
+        (causal by index within the row, and by document); ``positions`` may run on across documents or restart in
+        each (the data pipeline's choice). ``remat`` recomputes each block in the backward
+        (``jax.checkpoint``) instead of keeping its activations. Length-dependent RoPE variants scale for the
+        largest position + 1.
+        """
+        cfg = self.config
+        batch, seq = tokens.shape
+        chex.assert_shape(positions, (batch, seq))
+        positions = positions.astype(jnp.int32)
+        inv_freq, attention_factor = self.rope_tables(jnp.max(positions) + 1)
+        rotation = rotary.rope_cos_sin(positions, inv_freq, attention_factor)
+        mask = masks.causal()
+        if segment_ids is not None:
+            chex.assert_shape(segment_ids, (batch, seq))
+            mask &= masks.documents(segment_ids, segment_ids)
+        if cfg.sliding_window is not None:
+            mask &= masks.sliding_window(cfg.sliding_window)
+        settings = AttentionSettings(
+            attention_api.resolve(cfg.attention_implementation),
+            (XlaConfig(cfg.attention_q_block, cfg.attention_kv_block),),
+        )
+
+        def block_call(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array) -> jax.Array:
+            return nnx.merge(graphdef, params)(x, rotation, mask, settings)
+
+        if remat:
+            block_call = jax.checkpoint(block_call, static_argnums=(0,))
+        x = self.embed[...][tokens]
+        for block in self.layers:
+            x = block_call(*nnx.split(block), x)
+        return self.final_norm(x)
+
     def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
         """LM head; call it only where logits are needed (one position when generating)."""
         if self.config.tie_embeddings:
@@ -331,9 +405,11 @@ class Llama(nnx.Module):
         positions: Int[Array, "B T"],
         cache: KVCache | None = None,
         **kwargs: Any,
-    ) -> tuple[Float[Array, "B T V"], KVCache]:
+    ) -> tuple[Float[Array, "B T V"], KVCache | None]:
+        """``(logits, cache)``; with no cache the training forward (:meth:`train_hidden_states`, which takes
+        ``segment_ids`` and ``remat``), returning ``(logits, None)``."""
         if cache is None:
-            cache = self.init_cache(tokens.shape[0], tokens.shape[1])
+            return self.logits(self.train_hidden_states(tokens, positions, **kwargs)), None
         hidden, cache = self.hidden_states(tokens, positions, cache, **kwargs)
         return self.logits(hidden), cache
 

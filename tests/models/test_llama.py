@@ -210,16 +210,19 @@ def test_module_call_equals_pure_forward() -> None:
     @nnx.jit
     def call(model: Llama, tokens: jax.Array, positions: jax.Array):
         hidden, _ = model.hidden_states(tokens, positions, model.init_cache(2, 13))
-        return model(tokens, positions), model.logits(hidden)
+        return model(tokens, positions, model.init_cache(2, 13)), model(tokens, positions), model.logits(hidden)
 
-    (logits, cache), logits_from_hidden = call(model, tokens, positions)
+    (logits, cache), (train_logits, no_cache), logits_from_hidden = call(model, tokens, positions)
     graphdef, params = nnx.split(model)
     pure_logits, pure_cache = _jit_forward(graphdef)(params, tokens, positions, model.init_cache(2, 13))
     # the same ops traced twice: XLA may fuse the two programs differently, so allow float32 round-off
     chex.assert_trees_all_close(logits, pure_logits, **F32_SAME_MATH_TOL)
     chex.assert_trees_all_close(logits_from_hidden, pure_logits, **F32_SAME_MATH_TOL)
+    # with no cache the training forward: the same logits (fresh keys and values), and no state back
+    chex.assert_trees_all_close(train_logits, pure_logits, **F32_SAME_MATH_TOL)
+    assert no_cache is None
     chex.assert_trees_all_close(cache.keys, pure_cache.keys, **F32_SAME_MATH_TOL)
-    assert int(cache.length) == 13 and cache.capacity == 13  # the default cache is exactly the sequence
+    assert int(cache.length) == 13 and cache.capacity == 13
     np.testing.assert_array_equal(cache.positions, positions)
 
 
@@ -292,7 +295,7 @@ def test_decode_step_writes_the_stacked_cache_in_place(keys_pre_rope: bool) -> N
     cache = model.init_cache(1, 32, keys_pre_rope=keys_pre_rope)
     cache = dataclasses.replace(cache, length=jnp.int32(20))
     token, position = jnp.zeros((1,), jnp.int32), jnp.full((1,), 20, jnp.int32)
-    hlo = steps.decode_step._jitted.lower(graphdef, params, token, position, cache).compile().as_text()  # noqa: SLF001
+    hlo = steps.decode_step.lower(graphdef, params, token, position, cache).compile().as_text()
     assert _copied_whole(hlo, cache.keys) == []
 
 
@@ -309,9 +312,7 @@ def test_observed_prefill_chunk_writes_the_stacked_cache_and_scores_in_place(key
     tokens, positions = jnp.zeros((1, 16), jnp.int32), jnp.arange(20, 36, dtype=jnp.int32)[None]
     observers = jnp.ones((1, 16), bool)
     hlo = (
-        steps.prefill_chunk._jitted.lower(  # noqa: SLF001
-            graphdef, params, tokens, positions, jnp.int32(16), jnp.int32(36), cache, observers
-        )
+        steps.prefill_chunk.lower(graphdef, params, tokens, positions, jnp.int32(16), jnp.int32(36), cache, observers)
         .compile()
         .as_text()
     )
