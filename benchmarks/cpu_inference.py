@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     from lcm.models.llama import LlamaConfig
 
     model_path(MODEL)  # fetch once, outside the timed cells
-    cfg = LlamaConfig()  # SmolLM2's shapes are the config defaults
+    cfg = LlamaConfig.preset("smollm2-135m")  # SmolLM2's shapes are the config defaults
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": _cpu_name(),

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps <= 0 or args.reps <= 0:
         parser.error("need positive --steps and --reps")
 
-    model = Llama(LlamaConfig(), rngs=nnx.Rngs(0))  # SmolLM2's shapes are the config defaults
+    model = Llama(LlamaConfig.preset("smollm2-135m"), rngs=nnx.Rngs(0))  # SmolLM2's shapes are the config defaults
     _, params = nnx.split(model)
     graphdefs, runs = {}, {}
     for name in implementations:

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.chunk <= 0 or args.reps <= 0 or min(args.lengths) < 0:
         parser.error("need a positive --chunk and --reps and non-negative --lengths")
 
-    model = Llama(LlamaConfig(), rngs=nnx.Rngs(0))  # SmolLM2's shapes are the config defaults
+    model = Llama(LlamaConfig.preset("smollm2-135m"), rngs=nnx.Rngs(0))  # SmolLM2's shapes are the config defaults
     graphdef, params = nnx.split(model)
     chunk = args.chunk
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; chunk {chunk}, reps {args.reps}")

@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("need positive --new-tokens and --reps")
 
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, LlamaConfig().vocab_size, n).tolist() for n in lengths]
+    prompts = [rng.integers(0, LlamaConfig.preset("smollm2-135m").vocab_size, n).tolist() for n in lengths]
     engines = {
-        name: Engine(Llama(LlamaConfig(attention_implementation=name), rngs=nnx.Rngs(0)), chunk_size=512)
+        name: Engine(
+            Llama(LlamaConfig.preset("smollm2-135m", attention_implementation=name), rngs=nnx.Rngs(0)), chunk_size=512
+        )
         for name in implementations
     }
     print(f"batch of {len(prompts)} prompts {lengths}, {args.new_tokens} new tokens; the first repetition compiles")

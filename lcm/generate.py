@@ -59,10 +59,13 @@ class Engine:
     keys_pre_rope: bool = False
     policy: KVPolicy = dataclasses.field(default_factory=KVPolicy)
     reuse_prefix: bool = False
+    decode_block: int = 32  # greedy steps per on-device loop between host checks (lcm.steps.decode_block)
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size={self.chunk_size} must be positive")
+        if self.decode_block <= 0:
+            raise ValueError(f"decode_block={self.decode_block} must be positive")
         limit = self.policy.max_prefill_chunk()
         if limit is not None:  # TokenSelect: a chunk must fit in its local window
             self.chunk_size = min(self.chunk_size, limit)
@@ -346,8 +349,9 @@ class Engine:
         ``first`` goes into the cache's next slot (``cache.length``); its position is ``position``, less the row's
         padding for a left-padded cache (``cache.starts``), and the next tokens count on from there.
 
-        One compiled step per cache capacity, reused token after token; the only host transfer per step is
-        the sampled id (to test for ``stop_ids``).
+        Steps run on the device in blocks of :attr:`decode_block` (:func:`lcm.steps.decode_block`, a
+        ``lax.while_loop`` with the stop test inside): one compiled program per cache capacity, and one host
+        transfer per block, not per token. Decoding stops once every row has produced a token in ``stop_ids``.
         """
         batch = first.shape[0]
         slot = int(cache.length)
@@ -356,20 +360,31 @@ class Engine:
                 f"decoding {max_new_tokens} tokens after {slot} cached ones needs a cache capacity of at least "
                 f"{slot + max_new_tokens - 1}, got {cache.capacity}"
             )
-        stops = np.asarray(list(stop_ids), np.int32)
-        token, out = first, [first]
-        done = np.isin(np.asarray(first), stops)
+        stops = jnp.asarray(np.asarray(list(stop_ids), np.int32).reshape(-1))
+        out = [np.asarray(first)[:, None]]
+        done = jnp.isin(first, stops)
         # a host copy: the cache (its `starts` included) is donated to the step
         offsets = np.zeros((batch,), np.int32) if cache.starts is None else np.asarray(cache.starts)
-        for step in range(1, max_new_tokens):
-            if done.all():
-                break
-            positions = jnp.asarray(position + step - 1 - offsets, jnp.int32)
-            token, cache = steps.decode_step(self.graphdef, self.params, token, positions, cache)
-            out.append(token)
-            if stops.size:  # the one host transfer per step, and only when a stop token must be checked
-                done |= np.isin(np.asarray(token), stops)
-        return np.stack([np.asarray(t) for t in out], axis=1), cache
+        token, positions = first, jnp.asarray(position - offsets, jnp.int32)
+        remaining = max_new_tokens - 1
+        while remaining > 0 and not bool(done.all()):
+            steps_now = min(self.decode_block, remaining)
+            tokens, count, cache, done = steps.decode_block(
+                self.graphdef,
+                self.params,
+                token,
+                positions,
+                cache,
+                self.decode_block,
+                jnp.int32(steps_now),
+                stops,
+                done,
+            )
+            count = int(count)  # the one host transfer of the block
+            block = np.asarray(tokens)[:, :count]
+            out.append(block)
+            token, positions, remaining = jnp.asarray(block[:, -1]), positions + count, remaining - count
+        return np.concatenate(out, axis=1), cache
 
     def token_nlls(self, tokens: np.ndarray) -> np.ndarray:
         """``[B, T-1]`` negative log-likelihoods of tokens ``1…T-1`` given their prefixes (one causal pass)."""
@@ -393,4 +408,10 @@ class Engine:
         return np.concatenate(nlls, axis=1)[:, : length - 1]
 
     def with_model(self, model: Llama) -> Engine:
-        return Engine(model, chunk_size=self.chunk_size, keys_pre_rope=self.keys_pre_rope, policy=self.policy)
+        return Engine(
+            model,
+            chunk_size=self.chunk_size,
+            keys_pre_rope=self.keys_pre_rope,
+            policy=self.policy,
+            decode_block=self.decode_block,
+        )

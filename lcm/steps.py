@@ -148,3 +148,43 @@ def decode_step(
     hidden_Bx1xD, cache = model.hidden_states(token_B[:, None], position_B[:, None], cache)
     logits_BxV = model.logits(hidden_Bx1xD[:, 0])
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), cache
+
+
+@_jit(static_argnums=(0, 5), donate_argnames=("cache",))
+def decode_block(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    token_B: jax.Array,
+    position_B: jax.Array,
+    cache: KVCache,
+    block: int,
+    num_steps: jax.Array,
+    stop_ids_N: jax.Array,
+    done_B: jax.Array,
+) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
+    """Up to ``num_steps`` (<= ``block``, traced) greedy steps in one ``lax.while_loop`` on the device, stopping
+    early once every row has produced a token in ``stop_ids_N`` (``done_B`` says which rows already have).
+
+    Each step is :func:`decode_step`'s: ``token_B`` at ``position_B`` written into the cache's next slot, the argmax
+    next token. Returns the tokens ``[B, block]`` (the first ``count`` are real), ``count``, the cache and the rows
+    done: the host reads ``count`` once per block instead of a token per step, and one program serves every
+    ``num_steps`` of a capacity.
+    """
+    model = nnx.merge(graphdef, params)
+
+    def keep_going(carry: tuple) -> jax.Array:
+        step, _, _, _, _, done = carry
+        return (step < num_steps) & ~jnp.all(done)
+
+    def one_step(carry: tuple) -> tuple:
+        step, token, position, cache, out_BxN, done = carry
+        hidden_Bx1xD, cache = model.hidden_states(token[:, None], position[:, None], cache)
+        token = jnp.argmax(model.logits(hidden_Bx1xD[:, 0]), axis=-1).astype(jnp.int32)
+        out_BxN = jax.lax.dynamic_update_index_in_dim(out_BxN, token, step, axis=1)
+        done = done | jnp.isin(token, stop_ids_N)
+        return step + 1, token, position + 1, cache, out_BxN, done
+
+    out_BxN = jnp.zeros((token_B.shape[0], block), jnp.int32)
+    init = (jnp.int32(0), token_B, position_B, cache, out_BxN, done_B)
+    count, _, _, cache, out_BxN, done_B = jax.lax.while_loop(keep_going, one_step, init)
+    return out_BxN, count, cache, done_B

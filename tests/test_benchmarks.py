@@ -23,7 +23,7 @@ bench = _benchmark("cpu_inference")
 
 def test_prefill_flops_match_the_issue_hand_count_at_8k() -> None:
     # issue [I]: a causal 8k SmolLM2 prefill is ~4.1 TFLOP, 1.7 in the linear layers and 2.3 in attention
-    cfg = LlamaConfig()
+    cfg = LlamaConfig.preset("smollm2-135m")
     total = bench.prefill_flops(cfg, 8192)
     linear = 30 * 2 * 8192 * (576 * 576 * 2 + 2 * 576 * 192 + 3 * 576 * 1536)
     attention = 30 * 4 * 9 * 64 * 8192 * 8193 / 2

@@ -20,6 +20,7 @@ from lcm.generate import Engine
 from lcm.models.llama import Llama, LlamaConfig, forward, random_model
 
 TINY = LlamaConfig(
+    rms_norm_eps=1e-5,
     vocab_size=128,
     hidden_size=64,
     intermediate_size=96,
@@ -296,3 +297,24 @@ def test_reuse_prefix_is_off_by_default_and_for_bounded_policies(model: Llama) -
         plain.prefill(prompt, plain.new_cache(1, 48), start=4)
     with pytest.raises(ValueError, match="prefill start=8 needs a cache holding exactly 8 tokens, got 0"):
         plain.prefill(prompt, plain.new_cache(1, 48), start=8)
+
+
+@pytest.mark.parametrize("block", [1, 3, 32])
+def test_decoding_on_device_in_blocks(model: Llama, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The on-device loop gives the from-scratch greedy tokens whatever its block, stops where generate's rule
+    says (a stop id mid-block included), and returns to the host once per block, not per token."""
+    from lcm import steps
+
+    calls = []
+    real = steps.decode_block
+    monkeypatch.setattr(steps, "decode_block", lambda *args: calls.append(args[6]) or real(*args))
+    prompts = _prompts(5, 2, PROMPT)
+    new_tokens = 11
+    full = _reference_greedy(model, prompts, new_tokens)
+    engine = Engine(model, chunk_size=4, decode_block=block)
+    np.testing.assert_array_equal(engine.generate(prompts, new_tokens), full)
+    assert len(calls) == -(-(new_tokens - 1) // block) and sum(int(c) for c in calls) == new_tokens - 1
+    stop_ids = [int(full[0, 4]), int(full[1, 6])]  # row 0 stops at its 5th token, row 1 at its 7th (or earlier)
+    np.testing.assert_array_equal(engine.generate(prompts, new_tokens, stop_ids), _expected_with_stops(full, stop_ids))
+    with pytest.raises(ValueError, match="decode_block=0 must be positive"):
+        Engine(model, decode_block=0)

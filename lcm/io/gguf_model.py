@@ -77,6 +77,7 @@ def config_from_gguf(reader: gguf.GGUFReader, dtype: str = "float32") -> LlamaCo
         tie_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
         dtype=dtype,
+        param_dtype=dtype,
     )
 
 

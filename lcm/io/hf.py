@@ -78,6 +78,7 @@ def config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> LlamaConfig
         mlp_bias=bool(hf.get("mlp_bias", False)),
         sliding_window=sliding,
         dtype=dtype,
+        param_dtype=dtype,
     )
 
 

@@ -32,37 +32,62 @@ from lcm.ops.masks import Mask
 
 # variants that scale relative to the trained context L0; `with_rope` fills it in from the model
 _USES_ORIGINAL_LENGTH = frozenset({"dynamic", "yarn", "llama3", "longrope"})
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# named architectures: what a config needs beyond runtime settings
+PRESETS: dict[str, dict[str, Any]] = {
+    # HuggingFaceTB/SmolLM2-135M(-Instruct): config.json of the release
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        rms_norm_eps=1e-5,
+        rope_base=100000.0,
+        max_position_embeddings=8192,
+        tie_embeddings=True,
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Architecture of one decoder; validated on construction. Defaults are SmolLM2-135M's."""
+    """Architecture of one decoder; validated on construction. The architecture has no defaults: it comes from a
+    named preset (:meth:`preset`, :data:`PRESETS`) or a checkpoint (``lcm.io``). Runtime settings have defaults."""
 
-    vocab_size: int = 49152  # rows of the embedding table
-    hidden_size: int = 576  # model width d_model
-    intermediate_size: int = 1536  # SwiGLU hidden width
-    num_layers: int = 30  # decoder blocks
-    num_heads: int = 9  # query heads
-    num_kv_heads: int = 3  # key/value heads (GQA); must divide num_heads
+    vocab_size: int  # rows of the embedding table
+    hidden_size: int  # model width d_model
+    intermediate_size: int  # SwiGLU hidden width
+    num_layers: int  # decoder blocks
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (GQA); must divide num_heads
+    rms_norm_eps: float  # RMSNorm epsilon
+    rope_base: float  # RoPE base b (rope_theta)
+    max_position_embeddings: int  # trained context length L0
+    tie_embeddings: bool  # LM head shares the embedding matrix
     head_dim: int = 0  # per-head width; 0 means hidden_size // num_heads
-    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
-    rope_base: float = 100000.0  # RoPE base b (rope_theta)
     rope_variant: str = "default"  # a name in lcm.ops.rope.ROPE_VARIANTS
     rope_params: tuple[tuple[str, Any], ...] = ()  # the variant's parameters, as sorted (name, value) pairs
-    max_position_embeddings: int = 8192  # trained context length L0
-    tie_embeddings: bool = True  # LM head shares the embedding matrix
     qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
     o_bias: bool = False  # bias on the output projection
     mlp_bias: bool = False  # biases in the MLP
     sliding_window: int | None = None  # Mistral's attention window in tokens; None = full causal
-    dtype: str = "float32"  # activation and parameter dtype: float32 | bfloat16 | float16
+    dtype: str = "float32"  # compute dtype (activations, the KV cache): float32 | bfloat16
+    param_dtype: str = "float32"  # parameters as stored: float32 | bfloat16 (cast to `dtype` where used)
     attention_q_block: int = 256  # query rows per attention tile (chunked XLA attention)
     attention_kv_block: int = 512  # keys per attention tile; fully masked tiles are skipped (BENCHMARKS.md)
     # keys per tile for single-token decode steps: few query rows, so bigger tiles amortise the loop (BENCHMARKS.md)
     attention_decode_kv_block: int = 2048
     # lcm.kernels.attention.api names tried in order: "auto" (= "cpu,xla": the CPU kernel where it applies) or "xla"
     attention_implementation: str = "auto"
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
+        """A named architecture (:data:`PRESETS`), with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**(PRESETS[name] | overrides))
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -86,8 +111,15 @@ class LlamaConfig:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {sorted(_DTYPES)}")
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            if value == "float16":
+                raise ValueError(
+                    f"{name}='float16' is not supported: activations of these models overflow its range (max 65504) "
+                    "and softmax statistics lose precision; use bfloat16 (float32's range) or float32"
+                )
+            if value not in _DTYPES:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(_DTYPES)}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
         if attention_api.resolve(self.attention_implementation)[-1] != "xla":
@@ -101,7 +133,12 @@ class LlamaConfig:
 
     @property
     def jnp_dtype(self) -> jnp.dtype:
+        """The compute dtype (activations, the KV cache)."""
         return _DTYPES[self.dtype]
+
+    @property
+    def jnp_param_dtype(self) -> jnp.dtype:
+        return _DTYPES[self.param_dtype]
 
     def with_rope(self, variant: str, params: dict[str, Any] | None = None) -> LlamaConfig:
         """The same model with another RoPE variant (``original_max_position_embeddings`` defaults to L0)."""
@@ -137,12 +174,12 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,)) * x32.astype(x.dtype)
+        return self.scale[...].astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,)) * x32.astype(x.dtype)
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs | None):
-        d, h, k, hd, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype
+        d, h, k, hd, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_param_dtype
         self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt, d)
         self.k_proj = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dt, d)
         self.v_proj = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dt, d)
@@ -157,21 +194,24 @@ class Attention(nnx.Module):
 
     def project_qkv(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Pre-RoPE ``q [B,T,H,hd]``, ``k, v [B,T,K,hd]`` (Locret's retaining heads read these too)."""
-        q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q_proj[...])
-        k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.k_proj[...])
-        v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.v_proj[...])
+        dt = x_BxTxD.dtype  # the compute dtype: parameters stored in another are cast where used
+        q = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q_proj[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.k_proj[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.v_proj[...].astype(dt))
         if self.qkv_bias:
-            q, k, v = q + self.q_bias[None, None], k + self.k_bias[None, None], v + self.v_bias[None, None]
+            biases = (self.q_bias[...].astype(dt), self.k_bias[...].astype(dt), self.v_bias[...].astype(dt))
+            q, k, v = q + biases[0][None, None], k + biases[1][None, None], v + biases[2][None, None]
         return q, k, v
 
     def output(self, attn_BxTxHxK: jax.Array) -> jax.Array:
-        out = jnp.einsum("bthk,hkd->btd", attn_BxTxHxK, self.o_proj[...])
-        return out + self.o_bias[None, None] if self.has_o_bias else out
+        dt = attn_BxTxHxK.dtype
+        out = jnp.einsum("bthk,hkd->btd", attn_BxTxHxK, self.o_proj[...].astype(dt))
+        return out + self.o_bias[...].astype(dt)[None, None] if self.has_o_bias else out
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs | None):
-        d, f, dt = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_dtype
+        d, f, dt = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
         self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, d)
         self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, d)
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dt, f)
@@ -182,19 +222,20 @@ class MLP(nnx.Module):
         self.mlp_bias = cfg.mlp_bias
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = x @ self.gate_proj[...]
-        up = x @ self.up_proj[...]
+        dt = x.dtype
+        gate = x @ self.gate_proj[...].astype(dt)
+        up = x @ self.up_proj[...].astype(dt)
         if self.mlp_bias:
-            gate, up = gate + self.gate_bias[None, None], up + self.up_bias[None, None]
-        out = (jax.nn.silu(gate) * up) @ self.down_proj[...]
-        return out + self.down_bias[None, None] if self.mlp_bias else out
+            gate, up = gate + self.gate_bias[...].astype(dt)[None, None], up + self.up_bias[...].astype(dt)[None, None]
+        out = (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
+        return out + self.down_bias[...].astype(dt)[None, None] if self.mlp_bias else out
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs | None):
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype, rngs)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype, rngs)
         self.attn = Attention(cfg, rngs)
-        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype, rngs)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype, rngs)
         self.mlp = MLP(cfg, rngs)
 
     def __call__(
@@ -234,7 +275,7 @@ class Llama(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs | None):
         self.config = cfg
-        dt = cfg.jnp_dtype
+        dt = cfg.jnp_param_dtype
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt, 1)
         self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
@@ -292,7 +333,7 @@ class Llama(nnx.Module):
         keys, values, scores = cache.keys, cache.values, cache.scores
         if cache.starts is not None:  # left-padded rows: attention sees padding and prompt as two documents
             chex.assert_shape(cache.starts, (batch,))
-        x = self.embed[...][tokens]
+        x = self.embed[...][tokens].astype(cfg.jnp_dtype)
         settings = LayerSettings(
             window=cfg.sliding_window,
             keys_pre_rope=cache.keys_pre_rope,
@@ -388,7 +429,7 @@ class Llama(nnx.Module):
 
         if remat:
             block_call = jax.checkpoint(block_call, static_argnums=(0,))
-        x = self.embed[...][tokens]
+        x = self.embed[...][tokens].astype(cfg.jnp_dtype)
         for block in self.layers:
             x = block_call(*nnx.split(block), x)
         return self.final_norm(x)
@@ -396,8 +437,10 @@ class Llama(nnx.Module):
     def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
         """LM head; call it only where logits are needed (one position when generating)."""
         if self.config.tie_embeddings:
-            return jnp.einsum("...d,vd->...v", hidden, self.embed[...], preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
+            embed = self.embed[...].astype(hidden.dtype)
+            return jnp.einsum("...d,vd->...v", hidden, embed, preferred_element_type=jnp.float32)
+        lm_head = self.lm_head[...].astype(hidden.dtype)
+        return jnp.einsum("...d,dv->...v", hidden, lm_head, preferred_element_type=jnp.float32)
 
     def __call__(
         self,

@@ -6,6 +6,9 @@ from flax import nnx
 from lcm.models.llama import Llama, LlamaConfig
 
 TINY = LlamaConfig(
+    rms_norm_eps=1e-5,
+    rope_base=100000.0,
+    max_position_embeddings=8192,
     vocab_size=101,
     hidden_size=32,
     intermediate_size=48,

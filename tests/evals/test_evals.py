@@ -19,7 +19,18 @@ def tokenizer(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def tiny_engine() -> Engine:
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    cfg = LlamaConfig(
+        rms_norm_eps=1e-5,
+        rope_base=100000.0,
+        max_position_embeddings=8192,
+        tie_embeddings=True,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+    )
     return Engine(Llama(cfg, rngs=nnx.Rngs(0)), chunk_size=16)
 
 

@@ -29,6 +29,10 @@ def tokenizer(smollm2_gguf):
 def tiny_model_loader(monkeypatch: pytest.MonkeyPatch, tokenizer):
     """``load_model`` returning a 1-layer random model over the real vocabulary, and the real tokenizer."""
     cfg = LlamaConfig(
+        rms_norm_eps=1e-5,
+        rope_base=100000.0,
+        max_position_embeddings=8192,
+        tie_embeddings=True,
         vocab_size=tokenizer.vocab_size,
         hidden_size=16,
         intermediate_size=32,

@@ -91,7 +91,8 @@ from lcm.models.llama import LlamaConfig, random_model
 from mypolicy import EveryOther
 
 enable_compilation_cache(sys.argv[1])
-cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1)
+cfg = LlamaConfig.preset("smollm2-135m", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=2, num_kv_heads=1)
 engine = Engine(random_model(cfg, seed=0), chunk_size=16, policy=EveryOther(budget=16))
 tokens = np.arange(40, dtype=np.int32)[None] % 64
 cache = engine.new_cache(1, engine.prompt_capacity(40) + 1)

@@ -434,7 +434,9 @@ def test_model_logits_equal_across_implementations() -> None:
     tokens = np.random.default_rng(6).integers(0, 512, (1, 100)).astype(np.int32)
     nlls, generated = {}, {}
     for implementation in ("xla", "cpu,xla"):
-        cfg = dataclasses.replace(LlamaConfig(vocab_size=512, num_layers=2), attention_implementation=implementation)
+        cfg = dataclasses.replace(
+            LlamaConfig.preset("smollm2-135m", vocab_size=512, num_layers=2), attention_implementation=implementation
+        )
         engine = Engine(random_model(cfg, seed=0), chunk_size=32)
         nlls[implementation] = engine.token_nlls(tokens)
         generated[implementation] = engine.generate(tokens, max_new_tokens=8)
@@ -447,9 +449,9 @@ def test_bad_implementation_name_in_config() -> None:
     from lcm.models.llama import LlamaConfig
 
     with pytest.raises(ValueError, match="unknown attention implementation 'gpu'"):
-        LlamaConfig(attention_implementation="gpu")
+        LlamaConfig.preset("smollm2-135m", attention_implementation="gpu")
     with pytest.raises(ValueError, match="attention_implementation='cpu' must end with 'xla'"):
-        LlamaConfig(attention_implementation="cpu")
+        LlamaConfig.preset("smollm2-135m", attention_implementation="cpu")
 
 
 @settings(max_examples=12, deadline=None, derandomize=True)

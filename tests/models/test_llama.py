@@ -32,6 +32,8 @@ from lcm.models.llama import (
 )
 
 TINY_ARGS = dict(
+    rms_norm_eps=1e-5,
+    tie_embeddings=True,
     vocab_size=128,
     hidden_size=64,
     intermediate_size=96,
@@ -139,7 +141,7 @@ def _numpy_llama(model: Llama, tokens: np.ndarray, positions: np.ndarray) -> np.
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"dtype": "float64"}, r"unknown dtype 'float64'; choose one of \['bfloat16', 'float16', 'float32'\]"),
+        ({"dtype": "float64"}, r"unknown dtype 'float64'; choose one of \['bfloat16', 'float32'\]"),
         ({"hidden_size": 66}, "hidden_size=66 is not divisible by num_heads=4"),
         ({"num_kv_heads": 3}, "num_heads=4 must be a multiple of num_kv_heads=3"),
         ({"rope_variant": "nope"}, r"unknown rope variant 'nope'; choose one of \["),
@@ -297,6 +299,10 @@ def test_decode_step_writes_the_stacked_cache_in_place(keys_pre_rope: bool) -> N
     token, position = jnp.zeros((1,), jnp.int32), jnp.full((1,), 20, jnp.int32)
     hlo = steps.decode_step.lower(graphdef, params, token, position, cache).compile().as_text()
     assert _copied_whole(hlo, cache.keys) == []
+    # the same steps in the on-device loop: the cache is the loop's carry, updated in place
+    stops, done = jnp.asarray([7], jnp.int32), jnp.zeros((1,), bool)
+    lowered = steps.decode_block.lower(graphdef, params, token, position, cache, 4, jnp.int32(4), stops, done)
+    assert _copied_whole(lowered.compile().as_text(), cache.keys) == []
 
 
 @pytest.mark.parametrize("keys_pre_rope", [False, True])
@@ -332,7 +338,7 @@ def test_rope_variant_swap_keeps_parameters() -> None:
 
 
 def test_bfloat16_model() -> None:
-    cfg = dataclasses.replace(TINY, dtype="bfloat16")
+    cfg = dataclasses.replace(TINY, dtype="bfloat16", param_dtype="bfloat16")
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(nnx.state(abstract_model(cfg), nnx.Param)))
     model = random_model(cfg)
     tokens = _tokens(8, 2, 13)
@@ -421,4 +427,35 @@ def test_param_count(variant: str) -> None:
 
 def test_default_config_is_smollm2_135m() -> None:
     # 134.5M parameters: SmolLM2-135M's published count
-    assert param_count(abstract_model(LlamaConfig())) == 134_515_008
+    assert param_count(abstract_model(LlamaConfig.preset("smollm2-135m"))) == 134_515_008
+
+
+def test_configs_come_from_presets_or_say_everything() -> None:
+    smol = LlamaConfig.preset("smollm2-135m")
+    assert (smol.num_layers, smol.hidden_size, smol.rope_base, smol.tie_embeddings) == (30, 576, 100000.0, True)
+    assert LlamaConfig.preset("smollm2-135m", num_layers=2).num_layers == 2
+    with pytest.raises(ValueError, match=r"unknown model preset 'smollm3'; choose one of \['smollm2-135m'\]"):
+        LlamaConfig.preset("smollm3")
+    with pytest.raises(TypeError, match="missing"):  # no silent architecture: every field or a preset
+        LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1)
+    for field in ("dtype", "param_dtype"):
+        with pytest.raises(ValueError, match=f"{field}='float16' is not supported"):
+            LlamaConfig(**(TINY_ARGS | {field: "float16"}))
+        with pytest.raises(ValueError, match=f"unknown {field} 'int8'"):
+            LlamaConfig(**(TINY_ARGS | {field: "int8"}))
+
+
+def test_parameter_and_compute_dtypes_are_separate() -> None:
+    """float32 parameters computed in bfloat16: parameters stay float32, activations and the cache are bfloat16,
+    and the logits are the float32 model's to bfloat16 precision."""
+    full = random_model(TINY, seed=5)
+    mixed = with_config(full, dataclasses.replace(TINY, dtype="bfloat16"))
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(mixed, nnx.Param))} == {jnp.dtype(jnp.float32)}
+    tokens, positions = _tokens(6, 2, 12), _positions(2, 12)
+    hidden, cache = mixed.hidden_states(tokens, positions, mixed.init_cache(2, 12))
+    assert hidden.dtype == jnp.bfloat16 and cache.keys.dtype == jnp.bfloat16
+    want, _ = full(tokens, positions)
+    got, _ = mixed(tokens, positions)
+    # bfloat16 keeps 8 significant bits: over two layers the logits (std ~9) move by a few 1e-2 relative
+    scale = float(jnp.abs(want).max())
+    assert float(jnp.abs(got.astype(jnp.float32) - want).max()) < 0.1 * scale

@@ -22,6 +22,9 @@ from lcm.models.retaining import (
 )
 
 TINY = LlamaConfig(
+    rms_norm_eps=1e-5,
+    rope_base=100000.0,
+    max_position_embeddings=8192,
     vocab_size=101,
     hidden_size=32,
     intermediate_size=48,
@@ -69,7 +72,7 @@ def test_head_rejects_wrong_shapes() -> None:
 
 
 def test_smollm2_heads_hold_about_two_and_a_half_percent_of_the_model() -> None:
-    config = LlamaConfig()  # SmolLM2-135M
+    config = LlamaConfig.preset("smollm2-135m")  # SmolLM2-135M
     assert retaining_in_features(config) == 576 + 192 + 192
     width = retaining_hidden_width(config)
     assert width % 16 == 0 and 96 <= width <= 144, width
@@ -82,7 +85,7 @@ def test_smollm2_heads_hold_about_two_and_a_half_percent_of_the_model() -> None:
 
 
 def test_hidden_width_scales_with_the_fraction_and_has_a_floor() -> None:
-    config = LlamaConfig()
+    config = LlamaConfig.preset("smollm2-135m")
     assert retaining_hidden_width(config, 0.05) > retaining_hidden_width(config, 0.025)
     assert retaining_hidden_width(TINY, 1e-6) == 16
     for bad in (0, 1.5, True, "0.1"):

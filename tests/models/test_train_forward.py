@@ -13,6 +13,7 @@ from flax import nnx
 from lcm.models.llama import LlamaConfig, random_model
 
 TINY = LlamaConfig(
+    rms_norm_eps=1e-5,
     vocab_size=97,
     hidden_size=48,
     intermediate_size=80,

@@ -60,8 +60,8 @@ SCRIPT = textwrap.dedent(
 
     assert jax.device_count() == 8
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=64, tie_embeddings=False,
-                      attention_implementation=sys.argv[1])
+                      num_kv_heads=2, max_position_embeddings=64, tie_embeddings=False, rms_norm_eps=1e-5,
+                      rope_base=1e5, attention_implementation=sys.argv[1])
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
 
     # initialised sharded under jit: the numbers of an eager init, each device holding its shard only

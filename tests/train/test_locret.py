@@ -32,6 +32,8 @@ from lcm.train.locret_labels import backbone_of, causal_importance, layerwise_pa
 from lcm.train.locret_run import train_on_streams
 
 TINY = LlamaConfig(
+    rms_norm_eps=1e-5,
+    max_position_embeddings=8192,
     vocab_size=101,
     hidden_size=32,
     intermediate_size=48,
