@@ -132,3 +132,12 @@ def test_padded_batch_ab_rejects_bad_input(capsys) -> None:
     with pytest.raises(SystemExit):
         padded_batch_ab.main(["--lengths", "100,x"])
     assert "argument --lengths: expected comma-separated integers, got '100,x'" in capsys.readouterr().err
+
+
+def test_train_forward_ab_and_tree_ab_reject_bad_input(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _benchmark("train_forward_ab").main(["--length", "0"])
+    assert exit_info.value.code == 2 and "must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        _benchmark("tree_ab").main([])
+    assert exit_info.value.code == 2 and "give the two trees" in capsys.readouterr().err

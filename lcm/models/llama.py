@@ -398,14 +398,16 @@ class Llama(nnx.Module):
         segment_ids: Int[Array, "B T"] | None = None,
         *,
         remat: bool = False,
+        scan: bool = False,
     ) -> Float[Array, "B T D"]:
         """The training forward: no cache, fresh keys and values, differentiable; final hidden states ``[B, T, D]``.
 
         ``segment_ids`` packs documents into a row: a token attends only to earlier tokens of its own document
         (causal by index within the row, and by document); ``positions`` may run on across documents or restart in
         each (the data pipeline's choice). ``remat`` recomputes each block in the backward
-        (``jax.checkpoint``) instead of keeping its activations. Length-dependent RoPE variants scale for the
-        largest position + 1.
+        (``jax.checkpoint``) instead of keeping its activations. ``scan`` runs the blocks as one ``lax.scan`` over
+        their stacked parameters (one block traced and compiled, whatever the depth; BENCHMARKS.md compares it with
+        the unrolled loop). Length-dependent RoPE variants scale for the largest position + 1.
         """
         cfg = self.config
         batch, seq = tokens.shape
@@ -430,8 +432,13 @@ class Llama(nnx.Module):
         if remat:
             block_call = jax.checkpoint(block_call, static_argnums=(0,))
         x = self.embed[...][tokens].astype(cfg.jnp_dtype)
-        for block in self.layers:
-            x = block_call(*nnx.split(block), x)
+        if scan:
+            graphdef, _ = nnx.split(self.layers[0])
+            stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.split(b)[1] for b in self.layers))
+            x, _ = jax.lax.scan(lambda x, params: (block_call(graphdef, params, x), None), x, stacked)
+        else:
+            for block in self.layers:
+                x = block_call(*nnx.split(block), x)
         return self.final_norm(x)
 
     def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:

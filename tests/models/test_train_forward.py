@@ -166,3 +166,20 @@ def test_backward_memory_grows_with_layers_not_layers_times_the_stack() -> None:
     slice_bytes = 1 * TINY.num_kv_heads * 512 * TINY.head_dim * 4 * 2
     assert quadratic(stacked) > 0.5 * slice_bytes, stacked
     assert abs(quadratic(ours)) < 0.05 * slice_bytes, ours
+
+
+def test_scanned_layers_equal_the_unrolled_loop() -> None:
+    """``scan=True`` (one block traced over stacked parameters) gives the unrolled loop's logits and gradients."""
+    graphdef, params = nnx.split(random_model(TINY, seed=7))
+    tokens = jnp.asarray(np.random.default_rng(8).integers(0, TINY.vocab_size, SEGMENTS.shape), jnp.int32)
+    positions, segments = jnp.asarray(_positions_restarting(SEGMENTS)), jnp.asarray(SEGMENTS)
+
+    def loss(params, scan):
+        logits, _ = nnx.merge(graphdef, params)(tokens, positions, segment_ids=segments, scan=scan)
+        return _loss(logits, tokens, segments)
+
+    results = [jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, scan) for scan in (False, True)]
+    # the same float32 ops, compiled as a loop body instead of inline: round-off only
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1]), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
