@@ -360,30 +360,33 @@ class Engine:
                 f"decoding {max_new_tokens} tokens after {slot} cached ones needs a cache capacity of at least "
                 f"{slot + max_new_tokens - 1}, got {cache.capacity}"
             )
-        stops = jnp.asarray(np.asarray(list(stop_ids), np.int32).reshape(-1))
-        out = [np.asarray(first)[:, None]]
-        done = jnp.isin(first, stops)
+        # host-side bookkeeping in numpy: an eager jnp op would compile a small program of its own
+        stops = np.asarray(list(stop_ids), np.int32).reshape(-1)
+        token = np.asarray(first)
+        out = [token[:, None]]
+        done = np.isin(token, stops)
         # a host copy: the cache (its `starts` included) is donated to the step
         offsets = np.zeros((batch,), np.int32) if cache.starts is None else np.asarray(cache.starts)
-        token, positions = first, jnp.asarray(position - offsets, jnp.int32)
+        positions = np.asarray(position - offsets, np.int32)
         remaining = max_new_tokens - 1
-        while remaining > 0 and not bool(done.all()):
+        while remaining > 0 and not done.all():
             steps_now = min(self.decode_block, remaining)
-            tokens, count, cache, done = steps.decode_block(
+            tokens, count, cache, done_B = steps.decode_block(
                 self.graphdef,
                 self.params,
                 token,
                 positions,
                 cache,
                 self.decode_block,
-                jnp.int32(steps_now),
+                np.int32(steps_now),
                 stops,
                 done,
             )
-            count = int(count)  # the one host transfer of the block
+            count = int(count)  # the host transfers of the block: its count, tokens and stop flags
             block = np.asarray(tokens)[:, :count]
             out.append(block)
-            token, positions, remaining = jnp.asarray(block[:, -1]), positions + count, remaining - count
+            token, done = block[:, -1].copy(), np.asarray(done_B)
+            positions, remaining = positions + np.int32(count), remaining - count
         return np.concatenate(out, axis=1), cache
 
     def token_nlls(self, tokens: np.ndarray) -> np.ndarray:
