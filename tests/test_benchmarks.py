@@ -120,9 +120,6 @@ def test_decode_ab_rejects_bad_input(capsys) -> None:
     with pytest.raises(SystemExit):
         decode_ab.main(["--lengths", "0"])
     assert "argument --lengths: expected positive integers, got '0'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        decode_ab.main(["--jit", "persistent,cached"])
-    assert "--jit 'persistent,cached': choose from persistent, plain" in capsys.readouterr().err
 
 
 def test_padded_batch_ab_rejects_bad_input(capsys) -> None:
