@@ -23,6 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm.kernels.attention import cpu
+from lcm.kernels.attention.config import CpuConfig
+
+_TUNED = CpuConfig()  # the kernel's tuned tiles
 
 CHUNK = 512
 LAYERS = 30
@@ -53,10 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sources", nargs="+", type=Path, help="cpu_flash.cc variants; the first is the baseline")
     parser.add_argument("--length", type=int, default=4096, help="prefill tokens (a multiple of 512)")
     parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--q-tile", type=int, default=cpu.Q_BLOCK)
-    parser.add_argument("--kv-block", type=int, default=cpu.KV_BLOCK)
-    parser.add_argument("--long-q-tile", type=int, default=cpu.LONG_Q_BLOCK, help="query tile past --long-keys keys")
-    parser.add_argument("--long-keys", type=int, default=cpu.LONG_KEYS, help="0: never the long tile")
+    parser.add_argument("--q-tile", type=int, default=_TUNED.q_block)
+    parser.add_argument("--kv-block", type=int, default=_TUNED.kv_block)
+    parser.add_argument("--long-q-tile", type=int, default=_TUNED.long_q_block, help="query tile past --long-keys keys")
+    parser.add_argument("--long-keys", type=int, default=_TUNED.long_keys, help="0: never the long tile")
     args = parser.parse_args(argv)
     if args.length <= 0 or args.length % CHUNK:
         parser.error(f"--length={args.length} must be a positive multiple of {CHUNK}")
@@ -75,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         names = [build(source, Path(tmp), i) for i, source in enumerate(args.sources)]
 
-    tiles = cpu.Tiles(args.q_tile, args.long_q_tile, args.long_keys, args.kv_block)
+    tiles = CpuConfig(
+        q_block=args.q_tile, kv_block=args.kv_block, long_q_block=args.long_q_tile, long_keys=args.long_keys
+    )
 
     def program(name: str):
         def run(q, k, v, offset):

@@ -25,13 +25,20 @@ from lcm.ops.token_select import SelectionCache, TokenSelectRule
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionSettings:
+    """How a layer calls :func:`lcm.kernels.attention.api.attention` (static): implementations and their configs."""
+
+    implementation: tuple[str, ...] = ("xla",)  # lcm.kernels.attention.api names, tried in order
+    config: tuple[XlaConfig | CpuConfig, ...] = ()  # per-backend tiles (lcm.kernels.attention.config)
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerSettings:
     """The static part of a decoder layer call (hashable: a ``jax.jit`` static argument)."""
 
     window: int | None
     keys_pre_rope: bool
-    implementation: tuple[str, ...] = ("xla",)  # lcm.kernels.attention.api names, tried in order
-    attention_config: tuple[XlaConfig | CpuConfig, ...] = ()  # per-backend tiles (lcm.kernels.attention.config)
+    attention: AttentionSettings = AttentionSettings()
     select: TokenSelectRule | None = None  # TokenSelect: attend to the selected entries once the cache is larger
     retain: bool = False  # Locret: write each block's retaining-head scores of the new entries into the scores
 
@@ -82,7 +89,7 @@ def decoder_layer(
     its slice of the stacked ``selection`` cache; ``num_valid`` counts the chunk's real tokens. With
     ``settings.retain`` (Locret) the block's retaining head scores the new entries into ``scores``.
 
-    ``kv_start [B]`` marks left-padded rows (:func:`lcm.ops.masks.left_padding_segments`): the prompt of row ``b``
+    ``kv_start [B]`` marks left-padded rows (:func:`lcm.ops.masks.left_padding`): the prompt of row ``b``
     starts at slot ``kv_start[b]``, and no prompt token attends to the padding before it.
 
     ``rotation`` is the cos/sin of the new tokens' positions (:func:`lcm.ops.rotary.rope_cos_sin`) and
@@ -131,8 +138,8 @@ def decoder_layer(
             layer_keys,
             layer_values,
             mask=mask,
-            implementation=settings.implementation,
-            config=settings.attention_config,
+            implementation=settings.attention.implementation,
+            config=settings.attention.config,
             layer=read_layer,
         )
 

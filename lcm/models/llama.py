@@ -25,7 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 from lcm.cache.kv import KVCache, init_cache
 from lcm.kernels.attention import api as attention_api
 from lcm.kernels.attention.config import XlaConfig
-from lcm.models.decoder_layer import LayerSettings, decoder_layer
+from lcm.models.decoder_layer import AttentionSettings, LayerSettings, decoder_layer
 from lcm.ops import masks, rotary
 from lcm.ops import rope as rope_ops
 from lcm.ops.masks import Mask
@@ -261,14 +261,6 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attention_norm(x))
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionSettings:
-    """How a block calls :func:`lcm.kernels.attention.api.attention` (static): implementations and their configs."""
-
-    implementation: tuple[str, ...]
-    config: tuple[XlaConfig, ...]
-
-
 class Llama(nnx.Module):
     """Decoder-only LM. ``model(tokens, positions, cache) -> (logits, cache)``; ``rngs=None`` builds shapes only
     (:func:`abstract_model`)."""
@@ -337,10 +329,7 @@ class Llama(nnx.Module):
         settings = LayerSettings(
             window=cfg.sliding_window,
             keys_pre_rope=cache.keys_pre_rope,
-            implementation=attention_api.resolve(cfg.attention_implementation),
-            attention_config=(
-                XlaConfig(cfg.attention_q_block, cfg.attention_kv_block if seq > 1 else cfg.attention_decode_kv_block),
-            ),
+            attention=_attention_settings(cfg, decode=seq == 1),
             select=cache.select,
             retain=retain_scores,
         )
@@ -421,10 +410,7 @@ class Llama(nnx.Module):
             mask &= masks.documents(segment_ids, segment_ids)
         if cfg.sliding_window is not None:
             mask &= masks.sliding_window(cfg.sliding_window)
-        settings = AttentionSettings(
-            attention_api.resolve(cfg.attention_implementation),
-            (XlaConfig(cfg.attention_q_block, cfg.attention_kv_block),),
-        )
+        settings = _attention_settings(cfg, decode=False)
 
         def block_call(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array) -> jax.Array:
             return nnx.merge(graphdef, params)(x, rotation, mask, settings)
@@ -462,6 +448,13 @@ class Llama(nnx.Module):
             return self.logits(self.train_hidden_states(tokens, positions, **kwargs)), None
         hidden, cache = self.hidden_states(tokens, positions, cache, **kwargs)
         return self.logits(hidden), cache
+
+
+def _attention_settings(cfg: LlamaConfig, decode: bool) -> AttentionSettings:
+    """The attention implementations and tiles of ``cfg``: single-token decode steps take wider key tiles."""
+    kv_block = cfg.attention_decode_kv_block if decode else cfg.attention_kv_block
+    implementation = attention_api.resolve(cfg.attention_implementation)
+    return AttentionSettings(implementation, (XlaConfig(cfg.attention_q_block, kv_block),))
 
 
 def _materialised(operand: jax.Array, compute: Callable[[], Any]) -> Any:

@@ -385,14 +385,3 @@ def prefix_lm(prefix: Int[Array, "*B"] | int) -> Mask:
 def block_sparse(layout: Any, q_block: int, kv_block: int) -> Mask:
     """A static block-sparse layout (a nested sequence or numpy array of booleans over query x key blocks)."""
     return Mask(sparse=BlockSparse(tuple(tuple(bool(x) for x in row) for row in np.asarray(layout)), q_block, kv_block))
-
-
-def left_padding_segments(
-    kv_start: Int[Array, " B"], q_offset: Int[Array, ""] | int, q_len: int, kv_len: int
-) -> tuple[Int[Array, "B T"], Int[Array, "B S"]]:
-    """Left padding as explicit documents (tests): slot ``j`` of row ``b`` is in document 1 if ``j >= kv_start[b]``
-    and 0 otherwise; queries sit in slots ``q_offset…``."""
-    q_slots = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)
-    k_slots = jnp.arange(kv_len, dtype=jnp.int32)
-    start = kv_start.astype(jnp.int32)[:, None]
-    return (q_slots[None] >= start).astype(jnp.int32), (k_slots[None] >= start).astype(jnp.int32)

@@ -34,7 +34,6 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,14 +42,11 @@ from jaxtyping import Array, Float, Int
 
 from lcm.kernels.attention.config import CpuConfig, XlaConfig, pick
 from lcm.ops import masks
-from lcm.ops.attention import chunked_attention
+from lcm.ops.attention import as_arrays, chunked_attention
 from lcm.ops.masks import Mask
 
 SOURCE = Path(__file__).with_name("cpu_flash.cc")
 TARGET = "lcm_cpu_flash_attention"
-_DEFAULT = CpuConfig()  # the tuned tiles (lcm.kernels.attention.config)
-Q_BLOCK, LONG_Q_BLOCK, LONG_KEYS = _DEFAULT.q_block, _DEFAULT.long_q_block, _DEFAULT.long_keys
-KV_BLOCK, MIN_SPLIT_KEYS = _DEFAULT.kv_block, _DEFAULT.min_split_keys
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -110,18 +106,9 @@ def available() -> bool:
     return jax.default_backend() == "cpu" and _registered() is None
 
 
-class Tiles(NamedTuple):
-    """The kernel's tiling of one call (static, hashable)."""
-
-    q_block: int = Q_BLOCK
-    long_q_block: int = LONG_Q_BLOCK
-    long_keys: int = LONG_KEYS
-    kv_block: int = KV_BLOCK
-    min_split_keys: int = MIN_SPLIT_KEYS
-
-
-def flash_call(target, q, k, v, layer, q_offset, kv_length, kv_start, *, window, sinks, scale, tiles: Tiles):
-    """The FFI call of the kernel registered as ``target`` (``benchmarks/kernel_ab.py`` registers edited builds)."""
+def flash_call(target, q, k, v, layer, q_offset, kv_length, kv_start, *, window, sinks, scale, tiles: CpuConfig):
+    """The FFI call of the kernel registered as ``target`` (``benchmarks/kernel_ab.py`` registers edited builds),
+    tiled as ``tiles`` says (its tuned defaults: :class:`lcm.kernels.attention.config.CpuConfig`)."""
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype))
     return call(
         q,
@@ -222,22 +209,20 @@ def cpu_flash_attention(
         raise NotImplementedError(reason)
     if layer is None:
         k, v, layer = k[None], v[None], 0
-    cap = k.shape[3]
+    mask = as_arrays(mask, k.shape[3])  # int32 arrays, kv_length clamped to the buffer
     kv_start = mask.kv_start if mask.kv_start is not None else jnp.zeros((q.shape[0],), jnp.int32)
-    kv_length = jnp.minimum(jnp.asarray(cap if mask.kv_length is None else mask.kv_length, jnp.int32), cap)
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
-    tiles = pick(configs, CpuConfig)
     return _flash(
         q,
         k,
         v,
         jnp.asarray(layer, jnp.int32),
-        jnp.asarray(mask.q_offset, jnp.int32),
-        kv_length,
-        kv_start.astype(jnp.int32),
+        mask.q_offset,
+        mask.kv_length,
+        kv_start,
         mask.window,
         mask.sinks,
         scale,
-        Tiles(tiles.q_block, tiles.long_q_block, tiles.long_keys, tiles.kv_block, tiles.min_split_keys),
+        pick(configs, CpuConfig),
         pick(configs, XlaConfig),
     )

@@ -7,7 +7,7 @@
 // without repeating keys: the rows of a tile are the (query, group) pairs of one KV head.
 //
 // Visibility (lcm.ops.masks.visibility_mask): query slot q sees key slot s iff s <= q, s < kv_length and, with a
-// window, q - s < window or s < sinks; with left padding (kv_start[b], lcm.ops.masks.left_padding_segments), a
+// window, q - s < window or s < sinks; with left padding (kv_start[b], lcm.ops.masks.left_padding), a
 // query at q >= kv_start[b] sees no key below kv_start[b] (padding queries see only padding keys, which the causal
 // rule already gives). A row that sees no key gets zeros.
 //
