@@ -32,13 +32,16 @@ def _filled_cache(model: Llama, length: int, seed: int):
     """A cache of capacity ``length + 64`` whose first ``length`` slots hold random keys and values."""
     cache = model.init_cache(1, length + 64)
     rng = np.random.default_rng(seed)
-    keys = rng.standard_normal(cache.keys.shape, np.float32)
-    values = rng.standard_normal(cache.values.shape, np.float32)
+    shape = cache.layers[0].keys.shape
+    keys = [rng.standard_normal(shape, np.float32) for _ in cache.layers]
+    values = [rng.standard_normal(shape, np.float32) for _ in cache.layers]
 
     def fresh():  # the step donates its cache: a new copy for every repetition
-        positions = jnp.asarray(np.arange(cache.capacity, dtype=np.int32)[None])
-        return dataclasses.replace(
-            cache, keys=jnp.asarray(keys), values=jnp.asarray(values), positions=positions, length=jnp.int32(length)
+        return cache.replace_layers(
+            keys=[jnp.asarray(k) for k in keys],
+            values=[jnp.asarray(v) for v in values],
+            positions=jnp.asarray(np.arange(cache.capacity, dtype=np.int32)[None]),
+            length=jnp.int32(length),
         )
 
     return fresh

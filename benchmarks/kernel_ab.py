@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"source {str(source)!r} does not exist")
 
     rng = np.random.default_rng(0)
-    keys = jnp.asarray(rng.standard_normal((1, 1, KV_HEADS, args.length, HEAD_DIM), np.float32))
-    values = jnp.asarray(rng.standard_normal((1, 1, KV_HEADS, args.length, HEAD_DIM), np.float32))
+    keys = jnp.asarray(rng.standard_normal((1, KV_HEADS, args.length, HEAD_DIM), np.float32))
+    values = jnp.asarray(rng.standard_normal((1, KV_HEADS, args.length, HEAD_DIM), np.float32))
     queries = [
         jnp.asarray(2 * rng.standard_normal((1, CHUNK, HEADS, HEAD_DIM), np.float32))
         for _ in range(args.length // CHUNK)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     def program(name: str):
         def run(q, k, v, offset):
             return cpu.flash_call(
-                name, q, k, v, jnp.int32(0), offset, offset + CHUNK, jnp.zeros((1,), jnp.int32),
+                name, q, k, v, offset, offset + CHUNK, jnp.zeros((1,), jnp.int32),
                 window=None, sinks=0, scale=HEAD_DIM**-0.5, tiles=tiles,
             )  # fmt: skip
 

@@ -1,7 +1,7 @@
 """A/B timing of one prefill chunk with and without attention-mass observers, in one process.
 
 H2O and SnapKV rank cached entries by the attention they receive: their prefill chunks add each layer's
-attention mass to ``cache.scores`` (``observers``). This times exactly the Engine's compiled chunk
+attention mass to each layer's ``scores`` (``observers``). This times exactly the Engine's compiled chunk
 (:func:`lcm.steps.prefill_chunk`) of a SmolLM2-shaped model (random weights: the time does not depend on them)
 written after ``--lengths`` filled slots, observed by every query and by none (the anchor: the full cache's
 chunk), alternately, so that the drift of a shared machine hits both alike. Reported: minimum and median
@@ -14,7 +14,6 @@ seconds per chunk, their ratio, and how many copies of the whole stacked ``[L, B
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import statistics
 import time
@@ -35,24 +34,24 @@ def _time_length(
     """Print the rows of one filled length: the chunk observed by no query (the anchor) and by every query."""
     cache = model.init_cache(1, length + chunk, keys_pre_rope=keys_pre_rope)
     rng = np.random.default_rng(length)
-    keys = rng.standard_normal(cache.keys.shape, np.float32)
-    values = rng.standard_normal(cache.values.shape, np.float32)
+    shape = cache.layers[0].keys.shape
+    keys = [rng.standard_normal(shape, np.float32) for _ in cache.layers]
+    values = [rng.standard_normal(shape, np.float32) for _ in cache.layers]
     tokens = jnp.asarray(rng.integers(0, model.config.vocab_size, (1, chunk), dtype=np.int32))
     positions = jnp.arange(length, length + chunk, dtype=jnp.int32)[None]
     runs = {"unobserved": None, "observed": jnp.ones((1, chunk), bool)}
 
     def fresh():  # the chunk donates its cache: a new copy for every call, built outside the timed call
-        filled = dataclasses.replace(
-            cache,
-            keys=jnp.asarray(keys),
-            values=jnp.asarray(values),
-            scores=jnp.zeros(cache.keys.shape[:4], jnp.float32),
+        filled = cache.replace_layers(
+            keys=[jnp.asarray(k) for k in keys],
+            values=[jnp.asarray(v) for v in values],
+            scores=[jnp.zeros(shape[:3], jnp.float32) for _ in cache.layers],
             positions=jnp.arange(cache.capacity, dtype=jnp.int32)[None],
             length=jnp.int32(length),
         )
         return (graphdef, params, tokens, positions, jnp.int32(chunk), jnp.int32(length + chunk), filled)
 
-    shapes = {"f32[{}]".format(",".join(map(str, s))) for s in (cache.keys.shape, cache.keys.shape[:4])}
+    shapes = {"f32[{}]".format(",".join(map(str, s))) for s in (shape, shape[:3])}
     copies = {}
     for name, observers in runs.items():
         hlo = prefill_chunk.lower(*fresh(), observers).compile().as_text()

@@ -28,7 +28,6 @@ from lcm import steps
 from lcm.cache.kv import KVCache
 from lcm.cache.policies import KVPolicy
 from lcm.models.llama import Llama
-from lcm.ops.token_select import init_selection_cache
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -72,11 +71,7 @@ class Engine:
         self.graphdef, self.params = nnx.split(self.model)
         self.config = self.model.config
         self.keys_pre_rope = self.keys_pre_rope or self.policy.renumber
-        if self.policy.retaining and not all(hasattr(block, "retaining") for block in self.model.layers):
-            raise ValueError(
-                f"KV policy {self.policy.name!r} needs trained retaining heads on the model; train them with: "
-                "lcm run configs/locret_smollm2.py (lcm.io.retaining.load_retaining_heads attaches them)"
-            )
+        self.policy.check_model(self.model)
         # what the last generate() measured: its prompt cache at its largest, prefill and decode wall time
         self.last_cache_bytes, self.last_decode_steps = 0, 0
         self.last_prefill_seconds = self.last_decode_seconds = 0.0
@@ -111,15 +106,9 @@ class Engine:
     def new_cache(self, batch: int, capacity: int, starts: np.ndarray | None = None) -> KVCache:
         """An empty cache of ``capacity`` (rounded up to a chunk) slots; ``starts [B]`` for left-padded rows."""
         cache = self.model.init_cache(batch, _round_up(capacity, self.chunk_size), self.keys_pre_rope)
-        if self.policy.needs_scores or self.policy.retaining:
-            cache = dataclasses.replace(cache, scores=jnp.zeros(cache.keys.shape[:4], jnp.float32))
-        if self.policy.needs_nll:
-            cache = dataclasses.replace(cache, token_nll=jnp.zeros(cache.keys.shape[:4], jnp.float32))
-        rule = self.policy.attention_rule()
-        if rule is not None:
-            cfg = self.config
-            selection = init_selection_cache(batch, cfg.num_heads, cfg.head_dim, rule.k, cfg.num_layers)
-            cache = dataclasses.replace(cache, select=rule, selection=selection)
+        cfg = self.config  # each layer's state holds what the policy keeps beside the entries
+        layers = tuple(self.policy.init_layer(layer, cfg.num_heads, cfg.head_dim) for layer in cache.layers)
+        cache = dataclasses.replace(cache, layers=layers, hooks=self.policy.layer_hooks())
         if starts is not None:
             starts = np.asarray(starts, np.int32)
             if starts.shape != (batch,) or starts.min() < 0:
@@ -141,7 +130,7 @@ class Engine:
 
     def _positions(self, cache: KVCache, start: int) -> np.ndarray:
         """RoPE positions of one chunk's slots: the slot itself, or its distance from the row's first real slot."""
-        batch = cache.keys.shape[1]
+        batch = cache.batch
         slots = np.broadcast_to(np.arange(start, start + self.chunk_size, dtype=np.int32), (batch, self.chunk_size))
         if cache.starts is None:
             return slots
@@ -180,7 +169,9 @@ class Engine:
         filled = int(cache.length)
         logits = None
         # the prediction of each chunk's first token (NuC); uniform for the first token of the prompt
-        previous = None if cache.token_nll is None else jnp.zeros((batch, self.config.vocab_size), jnp.float32)
+        previous = (
+            None if cache.layers[0].token_nll is None else jnp.zeros((batch, self.config.vocab_size), jnp.float32)
+        )
         # the last `tail` prompt tokens are fed after the last compression and never evicted (Locret's n_loc)
         evict_end = length - min(policy.tail_tokens(), length) if policy.bounded else length
         skip = start
@@ -192,12 +183,11 @@ class Engine:
                 positions = np.broadcast_to(np.arange(filled, filled + self.chunk_size, dtype=np.int32), chunk.shape)
             else:
                 positions = self._positions(cache, start)
-            observers = None
-            if policy.needs_scores:
-                watch = policy.observers(np.arange(start, start + self.chunk_size), length)
-                watch = watch & (np.arange(self.chunk_size) < n)  # not in place: the policy's array
-                if watch.any():  # else the chunk adds no mass: skip computing it (SnapKV: all but the window's)
-                    observers = jnp.asarray(np.broadcast_to(watch, chunk.shape))
+            observers = None  # the queries the policy's layer hooks record from
+            watch = policy.observers(np.arange(start, start + self.chunk_size), length)
+            watch = watch & (np.arange(self.chunk_size) < n)  # not in place: the policy's array
+            if watch.any():  # else the chunk records nothing: skip it (SnapKV: all chunks but the window's)
+                observers = jnp.asarray(np.broadcast_to(watch, chunk.shape))
             logits, cache = steps.prefill_chunk(
                 self.graphdef,
                 self.params,
@@ -208,7 +198,6 @@ class Engine:
                 cache,
                 observers,
                 previous,
-                retain=policy.retaining,
             )
             previous = None if previous is None else logits
             filled += n
@@ -225,7 +214,7 @@ class Engine:
     def _probe(self, cache: KVCache, filled: int, prompt_seen: int, rope_seq_len: jax.Array) -> KVCache:
         """The policy's probe chunk after the ``filled`` slots, at the positions the next token would take."""
         ids = np.asarray(self.policy.probe_tokens(), np.int32)
-        tokens = self._check_tokens(np.broadcast_to(ids, (cache.keys.shape[1], ids.size)))
+        tokens = self._check_tokens(np.broadcast_to(ids, (cache.batch, ids.size)))
         first = filled if self.policy.renumber else prompt_seen
         positions = np.broadcast_to(np.arange(first, first + ids.size, dtype=np.int32), tokens.shape)
         return steps.probe_chunk(self.graphdef, self.params, tokens, positions, rope_seq_len, cache)
@@ -250,7 +239,7 @@ class Engine:
         previous, self._previous = self._previous, None  # dropped before a new cache is made: one alive at a time
         reused = self._shared_chunks(previous, tokens, capacity) if self.reuse_prefix and self._reusable(starts) else 0
         if reused:
-            cache = dataclasses.replace(previous[1], length=jnp.int32(reused))
+            cache = previous[1].replace_layers(length=jnp.int32(reused))
         else:
             del previous
             cache = self.new_cache(batch, capacity, starts)
@@ -277,8 +266,8 @@ class Engine:
         """Whether a cache's prefix can serve another prompt: unpadded rows, a policy that keeps every entry as
         computed (no eviction, no scores, no per-step selection)."""
         policy = self.policy
-        plain = not (policy.bounded or policy.needs_scores or policy.needs_nll or policy.retaining or policy.renumber)
-        return starts is None and plain and policy.attention_rule() is None
+        plain = not (policy.bounded or policy.renumber) and policy.layer_hooks() is None
+        return starts is None and plain
 
     def _shared_chunks(self, previous: tuple[np.ndarray, KVCache] | None, tokens: np.ndarray, capacity: int) -> int:
         """Prompt tokens that ``previous`` (prompt, cache) already holds for ``tokens``: its whole chunks in common,

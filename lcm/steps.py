@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcm.cache.kv import KVCache, record_novelty, token_novelty
+from lcm.cache.kv import KVCache, LayerCache, record_novelty, token_novelty
 from lcm.cache.policies import KVPolicy, compress
 from lcm.models.llama import Llama
 
@@ -31,10 +31,9 @@ def run_chunk(
     rope_seq_len: jax.Array,
     cache: KVCache,
     observers_BxC: jax.Array | None = None,
-    retain: bool = False,
 ) -> tuple[Llama, jax.Array, KVCache]:
-    """One right-padded prefill chunk through the decoder (traced inside the jitted callers below); ``retain``:
-    the model's retaining heads score the chunk's entries into ``cache.scores`` (Locret)."""
+    """One right-padded prefill chunk through the decoder (traced inside the jitted callers below); the queries
+    ``observers_BxC`` marks are those the KV policy's layer hooks record from."""
     model = nnx.merge(graphdef, params)
     hidden_BxCxD, cache = model.hidden_states(
         tokens_BxC,
@@ -43,12 +42,11 @@ def run_chunk(
         num_valid=num_valid,
         rope_seq_len=rope_seq_len,
         observers=observers_BxC,
-        retain_scores=retain,
     )
     return model, hidden_BxCxD, cache
 
 
-@_jit(static_argnums=(0,), static_argnames=("retain",), donate_argnames=("cache",))
+@_jit(static_argnums=(0,), donate_argnames=("cache",))
 def prefill_chunk(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -59,16 +57,15 @@ def prefill_chunk(
     cache: KVCache,
     observers_BxC: jax.Array | None = None,
     previous_logits_BxV: jax.Array | None = None,
-    retain: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """One prefill chunk written after the cache's filled slots; logits ``[B, V]`` at its last real token. With
-    ``cache.token_nll`` (InfiniPot's NuC) every position's logits are computed to record each token's novelty,
+    a ``token_nll`` in the layers (InfiniPot's NuC) every position's logits are computed to record each token's novelty,
     ``previous_logits_BxV`` predicting the chunk's first token."""
     start = cache.length
     model, hidden_BxCxD, cache = run_chunk(
-        graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache, observers_BxC, retain
+        graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache, observers_BxC
     )
-    if cache.token_nll is None:
+    if cache.layers[0].token_nll is None:
         last_BxD = jax.lax.dynamic_index_in_dim(hidden_BxCxD, num_valid - 1, axis=1, keepdims=False)
         return model.logits(last_BxD), cache
     # a policy ranks entries by their token's NLL (InfiniPot's NuC): every position's logits are needed
@@ -88,13 +85,13 @@ def probe_chunk(
 ) -> KVCache:
     """A policy's probe (InfiniPot's catalyst prompt) fed after the filled slots on zeroed scores, its queries the
     only observers; its own entries are dropped again (``length`` set back, so they count as empty and the next
-    chunk overwrites them). ``cache.scores`` is then the attention each cached key receives from the probe."""
-    length = cache.length
-    cache = dataclasses.replace(cache, scores=jnp.zeros(cache.keys.shape[:4], jnp.float32))
+    chunk overwrites them). Each layer's ``scores`` is then the attention each cached key receives from the probe."""
+    lengths = [layer.length for layer in cache.layers]
+    cache = cache.replace_layers(scores=[jnp.zeros(layer.keys.shape[:3], jnp.float32) for layer in cache.layers])
     observers_BxP = jnp.ones(tokens_BxP.shape, bool)
     num_valid = jnp.int32(tokens_BxP.shape[1])
     _, _, cache = run_chunk(graphdef, params, tokens_BxP, positions_BxP, num_valid, rope_seq_len, cache, observers_BxP)
-    return dataclasses.replace(cache, length=length)
+    return cache.replace_layers(length=lengths)
 
 
 @_jit(static_argnums=(0,), donate_argnames=("cache",))
@@ -124,19 +121,22 @@ def compress_cache(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array, fin
 
 @_jit(static_argnums=(1,))
 def shrink_cache(cache: KVCache, capacity: int) -> KVCache:
-    """The first ``capacity`` slots of every buffer (after eviction the rest is empty)."""
+    """The first ``capacity`` slots of every layer's buffers (after eviction the rest is empty)."""
 
-    def cut(x: jax.Array | None, axis: int) -> jax.Array | None:
-        return None if x is None else jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
+    def cut(layer: LayerCache) -> LayerCache:
+        def first(x: jax.Array | None, axis: int) -> jax.Array | None:
+            return None if x is None else jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
 
-    return dataclasses.replace(
-        cache,
-        keys=cut(cache.keys, 3),
-        values=cut(cache.values, 3),
-        scores=cut(cache.scores, 3),
-        token_nll=cut(cache.token_nll, 3),
-        positions=cut(cache.positions, 1),
-    )
+        return dataclasses.replace(
+            layer,
+            keys=first(layer.keys, 2),
+            values=first(layer.values, 2),
+            scores=first(layer.scores, 2),
+            token_nll=first(layer.token_nll, 2),
+            positions=first(layer.positions, 1),
+        )
+
+    return dataclasses.replace(cache, layers=tuple(cut(layer) for layer in cache.layers))
 
 
 @_jit(static_argnums=(0,), donate_argnames=("cache",))

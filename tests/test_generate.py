@@ -271,9 +271,13 @@ def test_reuse_prefix_changes_no_bit(implementation: str) -> None:
     assert fresh.last_reused_tokens == 0
     np.testing.assert_array_equal(out, expected)
     filled = 40 + NEW_TOKENS - 1
-    for name in ("keys", "values", "positions"):
-        got, want = getattr(reusing._previous[1], name), getattr(fresh._previous[1], name)
-        np.testing.assert_array_equal(np.asarray(got)[..., :filled, :], np.asarray(want)[..., :filled, :], err_msg=name)
+    for index, (got_layer, want_layer) in enumerate(
+        zip(reusing._previous[1].layers, fresh._previous[1].layers, strict=True)
+    ):
+        for name, filled_part in (("keys", np.s_[:, :, :filled]), ("values", np.s_[:, :, :filled]),
+                                  ("positions", np.s_[:, :filled])):  # fmt: skip
+            got, want = np.asarray(getattr(got_layer, name)), np.asarray(getattr(want_layer, name))
+            np.testing.assert_array_equal(got[filled_part], want[filled_part], err_msg=f"layer {index} {name}")
     # the same prompt again reuses every chunk but the last; a prompt of another length reuses nothing
     np.testing.assert_array_equal(reusing.generate(second, NEW_TOKENS), expected)
     assert reusing.last_reused_tokens == 32

@@ -23,9 +23,10 @@ How it maps onto :mod:`lcm.cache.policies` and :class:`lcm.generate.Engine`:
   (:meth:`lcm.generate.Engine.prompt_capacity`), a constant independent of the input's length.
 - ``renumber=True`` is CR-RoPE: keys pre-RoPE, positions = slots after :func:`~lcm.cache.policies.compress`.
 - CaP: before each compression the Engine feeds :meth:`probe_tokens` (the catalyst) after the filled slots
-  with ``cache.scores`` zeroed and the catalyst's queries the only observers, then sets ``cache.length`` back
-  (``lcm.steps.probe_chunk``); ``cache.scores`` then holds the catalyst's attention to every cached key.
-- NuC: ``cache.token_nll`` holds each entry's NLL, written by the Engine when its chunk is fed
+  with each layer's ``scores`` zeroed and the catalyst's queries the only observers, then sets each layer's
+  ``length`` back (``lcm.steps.probe_chunk``); each layer's ``scores`` then holds the catalyst's attention to
+  every cached key.
+- NuC: each layer's ``token_nll`` holds each entry's NLL, written by the Engine when its chunk is fed
   (:func:`lcm.cache.kv.record_novelty`) and moved with the entry by ``compress``.
 - The combination is a priority (NuC picks ``+inf``, the rest their CaP score), so ``compress`` stays the one
   place that gathers.
@@ -71,7 +72,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from lcm.cache.policies import KVPolicy
+from lcm.cache.hooks import AttentionMass
+from lcm.cache.kv import LayerCache
+from lcm.cache.policies import KVPolicy, with_scores
 
 CATALYST_TEXT = "Summarize the previous context highlighting the most important parts."  # the paper's CaP
 
@@ -114,6 +117,15 @@ class InfiniPot(KVPolicy):
                 raise ValueError(f"infinipot: catalyst_ids={ids!r} must be non-negative integer token ids")
         super().__post_init__()
 
+    def layer_hooks(self) -> AttentionMass:
+        """CaP: the catalyst's attention to each entry (the probe chunk's queries are the only observers)."""
+        return AttentionMass()
+
+    def init_layer(self, layer: LayerCache, num_heads: int, head_dim: int) -> LayerCache:
+        """CaP scores and each entry's NuC, per layer and KV head."""
+        layer = with_scores(layer)
+        return dataclasses.replace(layer, token_nll=jnp.zeros_like(layer.scores))
+
     def nuc_slots(self) -> int:
         """Slots per layer and head given to the highest-NuC tokens: ``alpha * budget``, rounded down."""
         return math.floor(self.alpha * self.budget + _EPS)
@@ -142,20 +154,20 @@ class InfiniPot(KVPolicy):
 
     def priority(
         self,
-        scores: Float[Array, "L B K S"],
+        scores: Float[Array, "B K S"],
         length: jax.Array,
         prompt_seen: jax.Array,
-        token_nll: Float[Array, "L B K S"] | None = None,
-    ) -> Float[Array, "L B K S"]:
+        token_nll: Float[Array, "B K S"] | None = None,
+    ) -> Float[Array, "B K S"]:
         """``+inf`` for each head's ``alpha * budget`` highest-NuC filled slots, the CaP score for the rest,
         ``-inf`` for empty slots: ``compress`` keeps the NuC picks, then the highest CaP scores per head."""
         if token_nll is None:
-            raise ValueError("infinipot: ranks by NuC and needs cache.token_nll (Engine.new_cache allocates it)")
+            raise ValueError("infinipot: ranks by NuC and needs each layer's token_nll (Engine.new_cache allocates it)")
         filled = jnp.broadcast_to(jnp.arange(scores.shape[-1]) < length, scores.shape)
         cap = jnp.where(filled, scores, -jnp.inf)
         picks = self.nuc_slots()
         if picks == 0:
             return cap
-        _, top = jax.lax.top_k(jnp.where(filled, token_nll, -jnp.inf), picks)  # [L, B, K, picks]
+        _, top = jax.lax.top_k(jnp.where(filled, token_nll, -jnp.inf), picks)  # [B, K, picks]
         chosen = jnp.put_along_axis(jnp.zeros(scores.shape, bool), top, True, axis=-1, inplace=False)
         return jnp.where(chosen, jnp.inf, cap)

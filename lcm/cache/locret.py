@@ -12,7 +12,7 @@ no eviction, and decoding starts. Keys are stored pre-RoPE and kept entries are 
 How it maps onto :mod:`lcm.cache.policies` and :class:`lcm.generate.Engine`:
 
 - ``retaining = True``: the model must have heads attached (:func:`lcm.io.retaining.load_retaining_heads`); the
-  decoder layer writes ``block.retaining(q, k, v)`` into ``cache.scores`` for the new entries, and
+  decoder layer writes ``block.retaining(q, k, v)`` into each layer's ``scores`` for the new entries, and
   :func:`~lcm.cache.policies.compress` moves scores with their entries. ``needs_scores = False``: no attention
   mass is accumulated (the heads replace it).
 - ``streaming``: compress after every chunk; ``renumber``: keys pre-RoPE, positions = slots.
@@ -44,19 +44,38 @@ Choices and deviations:
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
-from lcm.cache.policies import KVPolicy
+from lcm.cache.hooks import LayerHooks, LayerView
+from lcm.cache.kv import LayerCache
+from lcm.cache.policies import KVPolicy, with_scores
 
 STABILIZER_SHARE = 0.15  # default n_s as a share of the budget: 2500 / 16384, the paper's Llama-3.1-8B setting
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetainingScores(LayerHooks):
+    """Each layer's retaining head scores the chunk's new entries from their pre-RoPE ``[q, k, v]`` into the layer's
+    ``scores`` (prefill chunks: the steps with observers; decode steps are never evicted, so they score nothing)."""
+
+    def record(self, view: LayerView, state: LayerCache) -> LayerCache:
+        if view.observers is None:
+            return state
+        if state.scores is None or not hasattr(view.module, "retaining"):
+            raise ValueError("Locret needs every layer's scores and a retaining head on every layer")
+        predicted_BxTxK = view.module.retaining(view.q_pre, view.k_pre, view.v).astype(jnp.float32)
+        zero = jnp.zeros((), jnp.int32)
+        scores = jax.lax.dynamic_update_slice(state.scores, predicted_BxTxK.swapaxes(1, 2), (zero, zero, view.start))
+        return dataclasses.replace(state, scores=scores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +90,7 @@ class Locret(KVPolicy):
     streaming: ClassVar[bool] = True
     renumber: ClassVar[bool] = True
     needs_scores: ClassVar[bool] = False
-    retaining: ClassVar[bool] = True  # the model's retaining heads write each new entry's score into cache.scores
+    retaining: ClassVar[bool] = True  # retaining heads score each new entry into its layer's scores
     needs_final: ClassVar[bool] = True  # the compression after the last chunk drops the stabilisers' protection
 
     def __post_init__(self) -> None:
@@ -82,6 +101,24 @@ class Locret(KVPolicy):
         if not _is_int(self.n_loc) or self.n_loc < 0:
             raise ValueError(f"locret: n_loc={self.n_loc!r} must be a number of tokens >= 0 (the paper's 100)")
         super().__post_init__()
+
+    def init_layer(self, layer: LayerCache, num_heads: int, head_dim: int) -> LayerCache:
+        """The retaining heads' score of every entry, per layer and KV head."""
+        return with_scores(layer)
+
+    def layer_hooks(self) -> RetainingScores:
+        return RetainingScores()
+
+    def observers(self, positions: np.ndarray, prompt_length: int) -> np.ndarray:
+        """Every prompt token is scored by the retaining heads as it is fed."""
+        return np.ones(positions.shape, bool)
+
+    def check_model(self, model: Any) -> None:
+        if not all(hasattr(block, "retaining") for block in model.layers):
+            raise ValueError(
+                f"KV policy {self.name!r} needs trained retaining heads on the model; train them with: "
+                "lcm run configs/locret_smollm2.py (lcm.io.retaining.load_retaining_heads attaches them)"
+            )
 
     @property
     def stabilizer_tokens(self) -> int:
@@ -102,11 +139,11 @@ class Locret(KVPolicy):
 
     def priority(
         self,
-        scores: Float[Array, "L B K S"],
+        scores: Float[Array, "B K S"],
         length: jax.Array,
         prompt_seen: jax.Array,
         final: bool = False,
-    ) -> Float[Array, "L B K S"]:
+    ) -> Float[Array, "B K S"]:
         """The predicted CIS of every filled slot; ``+inf`` for the last ``n_s`` filled slots unless ``final`` (the
         compression after the prompt's last chunk before the ``n_loc`` tail); ``-inf`` for empty slots."""
         slots = jnp.arange(scores.shape[-1])

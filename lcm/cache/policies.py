@@ -18,10 +18,13 @@ questions for the generation loop (:class:`lcm.generate.Engine`):
    ``renumber=True``: keys are stored before RoPE and every entry's position is its slot, so kept entries are
    numbered contiguously from 0 and positions never exceed the cache (StreamingLLM's positions within the cache).
 
-The statistics a policy ranks by are the model's own attention probabilities, accumulated per (layer, KV head,
-slot) in ``cache.scores`` from the queries :meth:`KVPolicy.observers` selects (:func:`lcm.ops.kv_scores.
-attention_mass`); they move with their entries when the cache is compacted. Budgets are tokens per layer and KV
-head. Adding a policy is one dataclass here and one entry in :data:`POLICIES`.
+Each layer owns its state (:class:`lcm.cache.kv.LayerCache`); a policy declares what it keeps there beside the
+entries (:meth:`KVPolicy.init_layer`: attention-mass ``scores``, InfiniPot's ``token_nll``, TokenSelect's selection
+cache), and :func:`compress` ranks and compacts each layer on its own. The statistics a policy ranks by are the
+model's own attention probabilities, accumulated per (KV head, slot) in each layer's ``scores`` from the queries
+:meth:`KVPolicy.observers` selects (:func:`lcm.ops.kv_scores.attention_mass`); they move with their entries when
+the cache is compacted. Budgets are tokens per layer and KV head. Adding a policy is one dataclass (here or in your
+own module) and one registration (:data:`POLICIES`, :func:`register_policy`).
 
 A policy whose budget covers the context evicts nothing and computes what the full cache computes: bit for bit
 for policies that collect no statistic (StreamingLLM, against the full cache stored pre-RoPE), and to float32
@@ -32,6 +35,7 @@ changes how XLA fuses it (tested in ``tests/cache/test_policies.py``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
@@ -39,8 +43,17 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from lcm.cache.kv import KVCache
-from lcm.ops.token_select import DEFAULT_N_INIT, DEFAULT_N_LOCAL, DEFAULT_THRESHOLD, TokenSelectRule
+from lcm.cache.hooks import AttentionMass, LayerHooks, LayerView
+from lcm.cache.kv import KVCache, LayerCache
+from lcm.kernels.token_select import api as token_select_api
+from lcm.ops.token_select import (
+    DEFAULT_N_INIT,
+    DEFAULT_N_LOCAL,
+    DEFAULT_THRESHOLD,
+    SelectionCache,
+    TokenSelectRule,
+    init_selection_cache,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +66,10 @@ class KVPolicy:
     streaming: ClassVar[bool] = False  # compress after every chunk (bounded memory) or once after the prompt
     renumber: ClassVar[bool] = False  # keys pre-RoPE, positions = slots (contiguous) after eviction
     compress_last_chunk: ClassVar[bool] = True  # streaming: also compress after the prompt's last chunk
-    needs_scores: ClassVar[bool] = False  # accumulate attention mass in cache.scores
-    needs_nll: ClassVar[bool] = False  # record each entry's token NLL in cache.token_nll (ranked by priority)
+    needs_scores: ClassVar[bool] = False  # accumulate attention mass in each layer's scores
+    needs_nll: ClassVar[bool] = False  # record each entry's token NLL in each layer's token_nll (ranked by priority)
     evicts: ClassVar[bool] = True  # a bounded policy compresses the cache (False: it selects what attention reads)
-    retaining: ClassVar[bool] = False  # the model's retaining heads (Locret) score every new entry into cache.scores
+    retaining: ClassVar[bool] = False  # retaining heads (Locret) score each new entry into its layer's scores
     needs_final: ClassVar[bool] = False  # priority() is told whether this is the compression after the last chunk
 
     def __post_init__(self) -> None:
@@ -77,6 +90,21 @@ class KVPolicy:
     @property
     def bounded(self) -> bool:
         return self.budget > 0
+
+    def init_layer(self, layer: LayerCache, num_heads: int, head_dim: int) -> LayerCache:
+        """One layer's empty state with what this policy keeps beside the entries (its statistics, a selection
+        cache); the model's ``num_heads`` and ``head_dim`` for state shaped by the queries. The full cache: none."""
+        del num_heads, head_dim
+        return layer
+
+    def layer_hooks(self) -> LayerHooks | None:
+        """What the policy does inside each layer (:mod:`lcm.cache.hooks`): records a statistic, selects what a
+        step attends to; ``None``: nothing (the layer attends to every entry it holds)."""
+        return None
+
+    def check_model(self, model: Any) -> None:
+        """Raise a one-line ``ValueError`` if ``model`` lacks what the policy needs (Locret: retaining heads)."""
+        del model
 
     def with_tokenizer(self, tokenizer: Any) -> KVPolicy:
         """The policy with whatever it must tokenize (InfiniPot's catalyst prompt) encoded by the model's tokenizer."""
@@ -101,16 +129,23 @@ class KVPolicy:
 
     def probe_tokens(self) -> tuple[int, ...]:
         """Token ids the Engine feeds after the cached entries just before each compression, whose queries alone
-        fill ``cache.scores`` and whose own entries are dropped again (InfiniPot's catalyst prompt); () = none."""
+        fill each layer's ``scores`` and whose own entries are dropped again (InfiniPot's catalyst prompt);
+        () = none."""
         return ()
 
     def priority(
-        self, scores: Float[Array, "L B K S"], length: jax.Array, prompt_seen: jax.Array
-    ) -> Float[Array, "L B K S"]:
-        """Rank of every slot; the ``budget`` highest are kept. ``length`` filled slots, ``prompt_seen`` prompt
+        self, scores: Float[Array, "B K S"], length: jax.Array, prompt_seen: jax.Array
+    ) -> Float[Array, "B K S"]:
+        """Rank of every slot of one layer, per row and KV head; the ``budget`` highest are kept. ``scores`` is
+        the layer's statistic (attention mass, or zeros), ``length`` its filled slots, ``prompt_seen`` the prompt
         tokens fed so far (its last ``length`` … are the newest slots)."""
         slots = jnp.arange(scores.shape[-1])
         return jnp.broadcast_to(jnp.where(slots < length, 0.0, -jnp.inf), scores.shape)
+
+
+def with_scores(layer: LayerCache) -> LayerCache:
+    """``layer`` with zeroed per-entry ``scores [B, K, S]`` (attention mass, or retaining-head scores)."""
+    return dataclasses.replace(layer, scores=jnp.zeros(layer.keys.shape[:3], jnp.float32))
 
 
 def _filled(scores: jax.Array, length: jax.Array) -> jax.Array:
@@ -156,6 +191,12 @@ class H2O(KVPolicy):
     streaming: ClassVar[bool] = True
     needs_scores: ClassVar[bool] = True
 
+    def init_layer(self, layer: LayerCache, num_heads: int, head_dim: int) -> LayerCache:
+        return with_scores(layer)
+
+    def layer_hooks(self) -> LayerHooks:
+        return AttentionMass()
+
     @property
     def recent_tokens(self) -> int:
         return self.budget // 2 if self.recent < 0 else self.recent
@@ -191,6 +232,12 @@ class SnapKV(KVPolicy):
     name: ClassVar[str] = "snapkv"
     needs_scores: ClassVar[bool] = True
 
+    def init_layer(self, layer: LayerCache, num_heads: int, head_dim: int) -> LayerCache:
+        return with_scores(layer)
+
+    def layer_hooks(self) -> LayerHooks:
+        return AttentionMass()
+
     def __post_init__(self) -> None:
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"snapkv: kernel={self.kernel!r} must be an odd positive integer")
@@ -207,7 +254,7 @@ class SnapKV(KVPolicy):
 
     def priority(self, scores: jax.Array, length: jax.Array, prompt_seen: jax.Array) -> jax.Array:
         pad = self.kernel // 2
-        padded = jnp.pad(scores, [(0, 0)] * 3 + [(pad, pad)])
+        padded = jnp.pad(scores, [(0, 0)] * (scores.ndim - 1) + [(pad, pad)])
         pooled = sum(padded[..., i : i + scores.shape[-1]] for i in range(self.kernel)) / self.kernel
         slots = jnp.arange(scores.shape[-1])
         rank = jnp.where(slots >= length - self.window, jnp.inf, pooled)
@@ -264,12 +311,61 @@ class TokenSelect(KVPolicy):
     def promised(self) -> str:
         return f"{self.init_tokens} initial and {self.local_tokens} local tokens, and at least 1 selected"
 
+    def layer_hooks(self) -> TokenSelectAttention:
+        return TokenSelectAttention(self.attention_rule())
+
+    def init_layer(self, layer: LayerCache, num_heads: int, head_dim: int) -> LayerCache:
+        selection = init_selection_cache(layer.keys.shape[0], num_heads, head_dim, self.attention_rule().k)
+        return dataclasses.replace(layer, selection=selection)
+
     def attention_rule(self) -> TokenSelectRule:
         k = self.budget - self.init_tokens - self.local_tokens
         return TokenSelectRule(n_init=self.init_tokens, k=k, n_local=self.local_tokens, threshold=self.threshold)
 
     def max_prefill_chunk(self) -> int:
         return self.local_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSelectAttention(LayerHooks):
+    """TokenSelect's step (:func:`lcm.kernels.token_select.api.token_select_attention`): a layer attends to its
+    whole buffer while it holds at most ``rule.budget`` entries, and to the selection beyond (a ``lax.cond``: one
+    branch runs), carrying its selection cache in the layer's ``selection``. Keys are stored pre-RoPE: the
+    selected entries are rotated at contiguous positions."""
+
+    rule: TokenSelectRule
+
+    def attend(
+        self, view: LayerView, state: LayerCache, attend_all: Callable[[], jax.Array]
+    ) -> tuple[jax.Array, LayerCache]:
+        rule = self.rule
+        if not view.keys_pre_rope or state.selection is None:
+            raise ValueError("TokenSelect needs keys stored pre-RoPE and a selection cache (Engine.new_cache)")
+        if rule.budget >= view.stored_keys.shape[2]:  # a buffer no larger than the budget is always attended fully
+            return attend_all(), state
+        filled = view.start + view.num_valid
+
+        def selected() -> tuple[jax.Array, SelectionCache]:
+            out, new_selection, _ = token_select_api.token_select_attention(
+                view.q_pre,
+                view.stored_keys,
+                view.values,
+                filled,
+                state.selection,
+                inv_freq=view.inv_freq,
+                attention_factor=view.attention_factor,
+                n_init=rule.n_init,
+                k=rule.k,
+                n_local=rule.n_local,
+                # the selection cache serves decode steps only: 512-query means of prefill chunks are alike
+                # (cosine >= 0.9) whatever they attend to, and reusing them kept stale selections (lcm.ops.token_select)
+                threshold=rule.threshold if view.q.shape[1] == 1 else jnp.inf,
+                num_valid=view.num_valid,
+            )
+            return out.astype(view.q.dtype), new_selection
+
+        attn, selection = jax.lax.cond(filled <= rule.budget, lambda: (attend_all(), state.selection), selected)
+        return attn, dataclasses.replace(state, selection=selection)
 
 
 from lcm.cache.infinipot import InfiniPot  # noqa: E402  (these subclass KVPolicy, so they are imported after it)
@@ -356,38 +452,47 @@ def compress(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array, final: bo
     """Keep the ``policy.budget`` highest-priority filled slots of every layer and KV head, compacted in slot order.
 
     Pure and jit-able: indices come from ``lax.top_k`` over a fixed capacity, so shapes never depend on the prompt.
-    Call it only when ``cache.length > budget`` (the Engine knows the length on the host): a policy whose budget
-    covers the context then never compresses and computes exactly what the full cache computes. ``final`` (static)
-    marks the compression after the prompt's last evictable chunk, for policies that treat it apart (Locret).
+    Call it only when the cache holds more than ``budget`` (the Engine knows the length on the host): a policy
+    whose budget covers the context then never compresses and computes exactly what the full cache computes.
+    ``final`` (static) marks the compression after the prompt's last evictable chunk, for policies that treat it
+    apart (Locret). Each layer is compressed on its own (:func:`compress_layer`).
     """
+    return dataclasses.replace(
+        cache, layers=tuple(compress_layer(policy, layer, prompt_seen, final) for layer in cache.layers)
+    )
+
+
+def compress_layer(policy: KVPolicy, layer: LayerCache, prompt_seen: jax.Array, final: bool = False) -> LayerCache:
+    """One layer's :func:`compress`: its ``budget`` highest-priority filled slots per KV head, in slot order, in
+    slots ``0…budget-1``; statistics move with their entries, and renumbering policies number them by slot."""
     budget = policy.budget
-    scores = cache.scores if cache.scores is not None else jnp.zeros(cache.keys.shape[:4], jnp.float32)
-    extra: dict[str, Any] = {"token_nll": cache.token_nll} if policy.needs_nll else {}
+    scores = layer.scores if layer.scores is not None else jnp.zeros(layer.keys.shape[:3], jnp.float32)
+    extra: dict[str, Any] = {"token_nll": layer.token_nll} if policy.needs_nll else {}
     if policy.needs_final:
         extra["final"] = final
-    priority = policy.priority(scores, cache.length, prompt_seen, **extra)
-    _, top = jax.lax.top_k(priority, budget)  # [L, B, K, budget]
+    priority = policy.priority(scores, layer.length, prompt_seen, **extra)
+    _, top = jax.lax.top_k(priority, budget)  # [B, K, budget]
     kept = jnp.sort(top, axis=-1)  # slot order = original order: causality by slot still holds
 
-    def gather(x: jax.Array) -> jax.Array:
-        index = kept[..., None] if x.ndim == 5 else kept
-        head = jnp.take_along_axis(x, index, axis=3)
+    def gather(x: jax.Array | None) -> jax.Array | None:
+        if x is None:
+            return None
+        index = kept[..., None] if x.ndim == 4 else kept
+        head = jnp.take_along_axis(x, index, axis=2)
         pad = [(0, 0)] * x.ndim
-        pad[3] = (0, x.shape[3] - budget)
+        pad[2] = (0, x.shape[2] - budget)
         return jnp.pad(head, pad)
 
-    capacity = cache.keys.shape[3]
     if policy.renumber:
-        positions = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), cache.positions.shape)
+        positions = jnp.broadcast_to(jnp.arange(layer.capacity, dtype=jnp.int32), layer.positions.shape)
     else:  # entries keep their rotation; a per-head choice has no single position per slot any more
-        positions = jnp.full(cache.positions.shape, -1, jnp.int32)
-    compacted = dataclasses.replace(
-        cache,
-        keys=gather(cache.keys),
-        values=gather(cache.values),
-        scores=gather(cache.scores) if cache.scores is not None else None,
-        token_nll=gather(cache.token_nll) if cache.token_nll is not None else None,
+        positions = jnp.full(layer.positions.shape, -1, jnp.int32)
+    return dataclasses.replace(
+        layer,
+        keys=gather(layer.keys),
+        values=gather(layer.values),
+        scores=gather(layer.scores),
+        token_nll=gather(layer.token_nll),
         positions=positions,
-        length=jnp.minimum(cache.length, budget),
+        length=jnp.minimum(layer.length, budget),
     )
-    return compacted

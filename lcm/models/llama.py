@@ -6,14 +6,16 @@ Touvron et al. 2023 (arXiv 2302.13971): pre-norm RMSNorm, SwiGLU MLP, rotary pos
 
 The model is a pure function of ``(params, tokens, positions, cache) -> (logits, cache)``:
 ``graphdef, params = nnx.split(model)`` and :func:`forward` give it explicitly. The KV cache
-(:class:`lcm.cache.kv.KVCache`) is an argument and a return value, never hidden state. Parameters carry
+(:class:`lcm.cache.kv.KVCache`, one :class:`~lcm.cache.kv.LayerCache` per block, each of its own capacity) is an
+argument and a return value, never hidden state; with no cache the same blocks are the training forward (one layer
+function, :func:`lcm.models.decoder_layer.decoder_layer`, serves both). Parameters carry
 logical axis names (``vocab, embed, heads, kv_heads, head_dim, mlp``) that ``lcm.parallel`` maps to mesh axes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import chex
@@ -22,13 +24,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from lcm.cache.kv import KVCache, init_cache
+from lcm.cache.hooks import LayerHooks
+from lcm.cache.kv import KVCache, LayerCache, init_cache
 from lcm.kernels.attention import api as attention_api
 from lcm.kernels.attention.config import XlaConfig
-from lcm.models.decoder_layer import AttentionSettings, LayerSettings, decoder_layer
+from lcm.models.decoder_layer import AttentionSettings, LayerInputs, LayerSettings, decoder_layer
 from lcm.ops import masks, rotary
 from lcm.ops import rope as rope_ops
-from lcm.ops.masks import Mask
 
 # variants that scale relative to the trained context L0; `with_rope` fills it in from the model
 _USES_ORIGINAL_LENGTH = frozenset({"dynamic", "yarn", "llama3", "longrope"})
@@ -239,26 +241,11 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(
-        self,
-        x: Float[Array, "B T D"],
-        rotation: tuple[Float[Array, "B T R"], Float[Array, "B T R"]],
-        mask: Mask,
-        attention: AttentionSettings,
-    ) -> Float[Array, "B T D"]:
-        """The stateless block (the training forward): fresh keys and values of these ``T`` tokens, attended under
-        ``mask``; differentiable, and no cache in the graph, so a backward holds one layer's ``dK``/``dV``."""
-        q, k, v = self.attn.project_qkv(self.input_norm(x))
-        q, k = rotary.rotate(q, *rotation), rotary.rotate(k, *rotation)
-        attn = attention_api.attention(
-            q,
-            k.swapaxes(1, 2),
-            v.swapaxes(1, 2),
-            mask=mask,
-            implementation=attention.implementation,
-            config=attention.config,
-        )
-        x = x + self.attn.output(attn)
-        return x + self.mlp(self.post_attention_norm(x))
+        self, x: Float[Array, "B T D"], state: LayerCache | None, inputs: LayerInputs, settings: LayerSettings
+    ) -> tuple[Float[Array, "B T D"], LayerCache | None]:
+        """``(x, state) -> (x, state)`` (:func:`lcm.models.decoder_layer.decoder_layer`); ``state=None`` is the
+        training layer: fresh keys and values attended under ``inputs.mask``, differentiable."""
+        return decoder_layer(settings, *nnx.split(self), x, state, inputs)
 
 
 class Llama(nnx.Module):
@@ -274,7 +261,8 @@ class Llama(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt, cfg.hidden_size)
 
-    def init_cache(self, batch: int, capacity: int, keys_pre_rope: bool = False) -> KVCache:
+    def init_cache(self, batch: int, capacity: int | Sequence[int], keys_pre_rope: bool = False) -> KVCache:
+        """An empty cache of ``capacity`` slots in every layer, or one capacity per layer."""
         cfg = self.config
         return init_cache(cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype, keys_pre_rope)
 
@@ -293,92 +281,75 @@ class Llama(nnx.Module):
         num_valid: Int[Array, ""] | int | None = None,
         rope_seq_len: Int[Array, ""] | int | None = None,
         observers: Bool[Array, "B T"] | None = None,
-        retain_scores: bool = False,
     ) -> tuple[Float[Array, "B T D"], KVCache]:
         """Run the decoder on ``T`` new tokens written into the cache after its ``length`` filled slots.
 
         ``num_valid`` (default ``T``) counts the real tokens when the chunk is right-padded to a static shape:
         the cache length advances by it, and padded slots are overwritten by the next call. ``rope_seq_len``
         is the length that length-dependent RoPE variants (dynamic NTK, LongRoPE) scale for; by default the
-        largest real position + 1, what transformers uses. ``observers`` marks the queries whose attention
-        probabilities are added to ``cache.scores`` (KV policies rank cached entries by them); with
-        ``retain_scores`` each layer's retaining head (``block.retaining``, Locret) writes its score of every new
-        entry there instead. A cache with a TokenSelect rule (``cache.select``) attends to TokenSelect's selection.
+        largest real position + 1, what transformers uses. ``observers`` marks the queries a KV policy's layer
+        hooks (``cache.hooks``, :mod:`lcm.cache.hooks`) record from: whose attention probabilities are added to each
+        layer's ``scores``, for a policy that ranks by them; a chunk with observers is also one whose new entries a
+        trained head scores (Locret). The hooks also say what a step attends to (TokenSelect: a selection).
         """
         cfg = self.config
         batch, seq = tokens.shape
         chex.assert_shape(positions, (batch, seq))
         chex.assert_type([tokens, positions], [int, int])
-        if cache.keys.shape[1] != batch:
-            raise ValueError(f"cache batch {cache.keys.shape[1]} != tokens batch {batch}")
-        if seq > cache.capacity:
-            raise ValueError(f"{seq} new tokens exceed the cache capacity {cache.capacity}")
+        if len(cache.layers) != cfg.num_layers:
+            raise ValueError(f"the cache holds {len(cache.layers)} layers, the model {cfg.num_layers}")
+        if cache.batch != batch:
+            raise ValueError(f"cache batch {cache.batch} != tokens batch {batch}")
+        if seq > min(cache.capacities):
+            raise ValueError(f"{seq} new tokens exceed the cache capacity {min(cache.capacities)}")
         num_valid = jnp.asarray(seq if num_valid is None else num_valid, jnp.int32)
         positions = positions.astype(jnp.int32)
         if rope_seq_len is None:
             real = jnp.arange(seq) < num_valid
             rope_seq_len = jnp.max(jnp.where(real[None], positions, 0)) + 1
         inv_freq, attention_factor = self.rope_tables(rope_seq_len)
-
-        start = cache.length
-        cache_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (jnp.int32(0), start))
-        keys, values, scores = cache.keys, cache.values, cache.scores
         if cache.starts is not None:  # left-padded rows: attention sees padding and prompt as two documents
             chex.assert_shape(cache.starts, (batch,))
         x = self.embed[...][tokens].astype(cfg.jnp_dtype)
         settings = LayerSettings(
-            window=cfg.sliding_window,
             keys_pre_rope=cache.keys_pre_rope,
             attention=_attention_settings(cfg, decode=seq == 1),
-            select=cache.select,
-            retain=retain_scores,
+            hooks=LayerHooks() if cache.hooks is None else cache.hooks,
         )
-        if cache.select is not None and (not cache.keys_pre_rope or cache.selection is None):
-            raise ValueError("TokenSelect needs keys stored pre-RoPE and a selection cache (Engine.new_cache)")
-        if retain_scores and (scores is None or not all(hasattr(b, "retaining") for b in self.layers)):
-            raise ValueError("retain_scores needs cache.scores and a retaining head on every layer (Locret)")
-        selection = cache.selection
-        # cos/sin once per forward, shared by the layers: the chunk's positions, and every cache slot's when keys
-        # are stored pre-RoPE (each layer then rotates its cached keys)
-        rotation, cache_rotation = _materialised(
-            start,
+        mask = masks.causal()
+        if cfg.sliding_window is not None:
+            mask &= masks.sliding_window(cfg.sliding_window)
+        if cache.starts is not None:
+            mask &= masks.left_padding(cache.starts)
+        # cos/sin once per forward, shared by the layers: the chunk's positions, and (keys stored pre-RoPE) the first
+        # layer's slot positions after this chunk, which every layer numbering its slots alike reuses
+        first = cache.layers[0]
+        slot_positions = None
+        if cache.keys_pre_rope:
+            slot_positions = jax.lax.dynamic_update_slice(first.positions, positions, (jnp.int32(0), first.length))
+        rotation, slot_rotation = _materialised(
+            first.length,
             lambda: (
                 rotary.rope_cos_sin(positions, inv_freq, attention_factor),
-                rotary.rope_cos_sin(cache_positions, inv_freq, attention_factor) if cache.keys_pre_rope else None,
+                None if slot_positions is None else rotary.rope_cos_sin(slot_positions, inv_freq, attention_factor),
             ),
         )
-        for index, block in enumerate(self.layers):
-            block_graphdef, block_params = nnx.split(block)
-            x, keys, values, scores, selection = decoder_layer(
-                settings,
-                block_graphdef,
-                block_params,
-                x,
-                keys,
-                values,
-                jnp.int32(index),
-                start,
-                rotation,
-                cache_rotation,
-                inv_freq,
-                attention_factor,
-                kv_start=cache.starts,
-                scores=scores,
-                observers=observers,
-                num_valid=num_valid,
-                selection=selection,
-            )
-        x = self.final_norm(x)
-        new_cache = dataclasses.replace(
-            cache,
-            keys=keys,
-            values=values,
-            scores=scores,
-            selection=selection,
-            positions=cache_positions,
-            length=start + num_valid,
+        inputs = LayerInputs(
+            positions=positions,
+            rotation=rotation,
+            mask=mask,
+            inv_freq=inv_freq,
+            attention_factor=attention_factor,
+            num_valid=num_valid,
+            slot_positions=slot_positions,
+            slot_rotation=slot_rotation,
+            observers=observers,
         )
-        return x, new_cache
+        states = []
+        for block, state in zip(self.layers, cache.layers, strict=True):
+            x, state = block(x, state, inputs, settings)
+            states.append(state)
+        return self.final_norm(x), dataclasses.replace(cache, layers=tuple(states))
 
     def train_hidden_states(
         self,
@@ -410,10 +381,12 @@ class Llama(nnx.Module):
             mask &= masks.documents(segment_ids, segment_ids)
         if cfg.sliding_window is not None:
             mask &= masks.sliding_window(cfg.sliding_window)
-        settings = _attention_settings(cfg, decode=False)
+        settings = LayerSettings(attention=_attention_settings(cfg, decode=False))
+        num_valid = jnp.int32(seq)
+        inputs = LayerInputs(positions, rotation, mask, inv_freq, attention_factor, num_valid)
 
         def block_call(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array) -> jax.Array:
-            return nnx.merge(graphdef, params)(x, rotation, mask, settings)
+            return decoder_layer(settings, graphdef, params, x, None, inputs)[0]
 
         if remat:
             block_call = jax.checkpoint(block_call, static_argnums=(0,))

@@ -28,7 +28,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from lcm.ops.masks import FULL, Mask, key_blocks_to_visit
 
@@ -38,17 +38,15 @@ NORMALIZERS = ("softmax",)
 __all__ = ["NORMALIZERS", "check_call", "chunked_attention", "reference_attention"]
 
 
-def check_call(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, normalizer: str, layer: object = None) -> None:
+def check_call(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, normalizer: str) -> None:
     """The argument checks every implementation shares: shapes, GQA divisibility, the mask, the normaliser."""
     if not isinstance(mask, Mask):
         raise TypeError(f"mask must be an lcm.ops.masks.Mask (e.g. masks.causal()), got {type(mask).__name__}")
     if normalizer not in NORMALIZERS:
         raise ValueError(f"unknown attention normalizer {normalizer!r}; choose one of {list(NORMALIZERS)}")
-    if layer is not None and k.ndim != 5:
-        raise ValueError(f"layer={layer} reads a stacked [L, B, K, S, D] cache, got k {k.shape}")
-    if q.ndim != 4 or k.ndim != (5 if layer is not None else 4):
+    if q.ndim != 4 or k.ndim != 4:
         raise ValueError(f"q must be [B, T, H, D] and k, v [B, K, S, D], got q {q.shape} k {k.shape}")
-    kv = k.shape[-4:]
+    kv = k.shape
     batch, q_len, num_heads, head_dim = q.shape
     if k.shape != v.shape or kv[0] != batch or kv[3] != head_dim:
         raise ValueError(f"incompatible shapes q={q.shape} k={k.shape} v={v.shape} (k and v as [B, K, S, D])")
@@ -109,26 +107,21 @@ def _block_start(tiling: _Tiling, j: jax.Array) -> jax.Array:
     return jnp.minimum(j * tiling.kv_block, tiling.kv_len - tiling.kv_block)
 
 
-def _key_block(tiling: _Tiling, layer: jax.Array, x_LxBxKxSxD: jax.Array, j: jax.Array) -> jax.Array:
-    """Key block ``j``, ``[B, K, kv_block, D]``, of layer ``layer`` of a stacked heads-first buffer.
-
-    One slice of the whole ``[L, B, K, S, D]`` buffer: neither the layer nor the cache is ever copied out (XLA
-    would materialise a layer sliced outside the loop, a copy of the whole layer per decode step).
-    """
-    _, batch, heads, _, dim = x_LxBxKxSxD.shape
+def _key_block(tiling: _Tiling, x_BxKxSxD: jax.Array, j: jax.Array) -> jax.Array:
+    """Key block ``j``, ``[B, K, kv_block, D]``, of a heads-first buffer: one slice inside the loop, so the cache
+    is never copied out (XLA would materialise a reshaped or sliced cache, a copy per decode step)."""
+    batch, heads, _, dim = x_BxKxSxD.shape
     zero = jnp.zeros((), jnp.int32)
-    start = (layer, zero, zero, _block_start(tiling, j), zero)
-    return jax.lax.dynamic_slice(x_LxBxKxSxD, start, (1, batch, heads, tiling.kv_block, dim))[0]
+    start = (zero, zero, _block_start(tiling, j), zero)
+    return jax.lax.dynamic_slice(x_BxKxSxD, start, (batch, heads, tiling.kv_block, dim))
 
 
-def _add_key_block(
-    tiling: _Tiling, layer: jax.Array, acc_LxBxKxSxD: jax.Array, block_BxKxSxD: jax.Array, j: jax.Array
-) -> jax.Array:
-    """``acc[layer, :, :, block j] += block`` for a stacked heads-first accumulator (in place inside the loop)."""
-    old = _key_block(tiling, layer, acc_LxBxKxSxD, j)
+def _add_key_block(tiling: _Tiling, acc_BxKxSxD: jax.Array, block_BxKxSxD: jax.Array, j: jax.Array) -> jax.Array:
+    """``acc[:, :, block j] += block`` for a heads-first accumulator (in place inside the loop)."""
+    old = _key_block(tiling, acc_BxKxSxD, j)
     zero = jnp.zeros((), jnp.int32)
-    start = (layer, zero, zero, _block_start(tiling, j), zero)
-    return jax.lax.dynamic_update_slice(acc_LxBxKxSxD, (old + block_BxKxSxD)[None], start)
+    start = (zero, zero, _block_start(tiling, j), zero)
+    return jax.lax.dynamic_update_slice(acc_BxKxSxD, old + block_BxKxSxD, start)
 
 
 def _fully_visible(tiling: _Tiling, layout: jax.Array, i: jax.Array, j: jax.Array) -> jax.Array:
@@ -152,7 +145,7 @@ def _block_scores(
 
 
 def _flash_forward(
-    tiling: _Tiling, q_blocks: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, layer: jax.Array, layout: jax.Array
+    tiling: _Tiling, q_blocks: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, layout: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Output ``[nq, B, K, R, D]`` (input dtype), float32 log-sum-exp ``[nq, B, K, R]`` (0 for rows with no key)
     and whether each row saw a key."""
@@ -170,16 +163,16 @@ def _flash_forward(
                 probs = jnp.where(visible, probs, 0.0)
             correction = jnp.exp(max_BxKxR - new_max)
             new_sum = sum_BxKxR * correction + probs.sum(-1)
-            v_BxKxSxD = _key_block(tiling, layer, v, j)
+            v_BxKxSxD = _key_block(tiling, v, j)
             pv = jnp.einsum("bkrs,bksd->bkrd", probs.astype(v.dtype), v_BxKxSxD, preferred_element_type=jnp.float32)
             return new_max, new_sum, acc_BxKxRxD * correction[..., None] + pv
 
         def masked_block(j: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-            scores, visible = _block_scores(tiling, mask, q_BxKxRxD, _key_block(tiling, layer, k, j), i, j)
+            scores, visible = _block_scores(tiling, mask, q_BxKxRxD, _key_block(tiling, k, j), i, j)
             return update(carry, scores, visible, j)
 
         def visible_block(j: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-            k_BxKxSxD = _key_block(tiling, layer, k, j)
+            k_BxKxSxD = _key_block(tiling, k, j)
             scores = jnp.einsum("bkrd,bksd->bkrs", q_BxKxRxD, k_BxKxSxD, preferred_element_type=jnp.float32)
             return update(carry, scores, None, j)
 
@@ -205,14 +198,14 @@ def _flash_forward(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash_attention(tiling: _Tiling, q_blocks, k, v, mask: Mask, layer, layout) -> tuple[jax.Array, jax.Array]:
-    out, lse, seen = _flash_forward(tiling, q_blocks, k, v, mask, layer, layout)
+def _flash_attention(tiling: _Tiling, q_blocks, k, v, mask: Mask, layout) -> tuple[jax.Array, jax.Array]:
+    out, lse, seen = _flash_forward(tiling, q_blocks, k, v, mask, layout)
     return out, jnp.where(seen, lse, -jnp.inf)
 
 
-def _flash_attention_fwd(tiling: _Tiling, q_blocks, k, v, mask: Mask, layer, layout):
-    out, lse, seen = _flash_forward(tiling, q_blocks, k, v, mask, layer, layout)
-    return (out, jnp.where(seen, lse, -jnp.inf)), (q_blocks, k, v, mask, layer, layout, out, lse)
+def _flash_attention_fwd(tiling: _Tiling, q_blocks, k, v, mask: Mask, layout):
+    out, lse, seen = _flash_forward(tiling, q_blocks, k, v, mask, layout)
+    return (out, jnp.where(seen, lse, -jnp.inf)), (q_blocks, k, v, mask, layout, out, lse)
 
 
 def _flash_attention_bwd(tiling: _Tiling, residuals: tuple, cotangents: tuple[jax.Array, jax.Array]):
@@ -225,7 +218,7 @@ def _flash_attention_bwd(tiling: _Tiling, residuals: tuple, cotangents: tuple[ja
     query blocks are outside, so the same :func:`key_blocks_to_visit` list drives both passes, ``dQ`` of a block
     stays in the inner loop's carry, and ``dK``/``dV`` for the whole buffer are a float32 carry updated in place.
     """
-    q_blocks, k, v, mask, layer, layout, out, lse = residuals
+    q_blocks, k, v, mask, layout, out, lse = residuals
     d_out, d_lse = cotangents
     # D = rowsum(dO * O) - d_lse; rows that saw no key have lse -inf and no gradient
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) - d_lse.astype(jnp.float32)
@@ -237,7 +230,7 @@ def _flash_attention_bwd(tiling: _Tiling, residuals: tuple, cotangents: tuple[ja
         def one_key_block(t: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
             dq_BxKxRxD, dk, dv = carry
             j = block_ids[t]
-            k_BxKxSxD, v_BxKxSxD = _key_block(tiling, layer, k, j), _key_block(tiling, layer, v, j)
+            k_BxKxSxD, v_BxKxSxD = _key_block(tiling, k, j), _key_block(tiling, v, j)
             scores, _ = _block_scores(tiling, mask, q_BxKxRxD, k_BxKxSxD, i, j)
             probs = jnp.exp(scores - lse_BxKxR[..., None])  # masked scores are -1e30: probability 0
             dv_j = jnp.einsum(
@@ -253,7 +246,7 @@ def _flash_attention_bwd(tiling: _Tiling, residuals: tuple, cotangents: tuple[ja
                 "bkrs,bkrd->bksd", d_scores.astype(q_blocks.dtype), q_BxKxRxD, preferred_element_type=jnp.float32
             )
             # the shifted last block overlaps its predecessor; entries of the overlap are masked, their grads 0
-            return dq_BxKxRxD, _add_key_block(tiling, layer, dk, dk_j, j), _add_key_block(tiling, layer, dv, dv_j, j)
+            return dq_BxKxRxD, _add_key_block(tiling, dk, dk_j, j), _add_key_block(tiling, dv, dv_j, j)
 
         dq_init = jnp.zeros(q_BxKxRxD.shape, jnp.float32)
         dq_BxKxRxD, dk, dv = jax.lax.fori_loop(0, count, one_key_block, (dq_init, *carry))
@@ -261,7 +254,7 @@ def _flash_attention_bwd(tiling: _Tiling, residuals: tuple, cotangents: tuple[ja
 
     dkv_init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     (dk, dv), dq = jax.lax.scan(one_query_block, dkv_init, jnp.arange(q_blocks.shape[0]))
-    return dq.astype(q_blocks.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
+    return dq.astype(q_blocks.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
@@ -271,7 +264,8 @@ def as_arrays(mask: Mask, kv_len: int) -> Mask:
     """The mask with every array an int32 ``jax.Array`` and ``kv_length`` set (clamped to the ``kv_len`` keys): the
     form a custom call or custom VJP takes."""
     kv_length = kv_len if mask.kv_length is None else jnp.minimum(jnp.asarray(mask.kv_length, jnp.int32), kv_len)
-    mask = dataclasses.replace(mask, kv_length=kv_length)
+    offsets = {name: jnp.asarray(getattr(mask, name), jnp.int32) for name in ("q_offset", "k_offset")}
+    mask = dataclasses.replace(mask, kv_length=jnp.asarray(kv_length, jnp.int32), **offsets)
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.int32), mask)
 
 
@@ -286,7 +280,6 @@ def chunked_attention(
     return_lse: bool = False,
     q_block: int = 256,
     kv_block: int = 256,
-    layer: Int[Array, ""] | int | None = None,
 ) -> Float[Array, "B T H D"] | tuple[Float[Array, "B T H D"], Float[Array, "B T H"]]:
     """GQA attention of ``T`` queries over ``S`` keys under ``mask``, flash-style.
 
@@ -298,15 +291,10 @@ def chunked_attention(
     rows x 3 grouped heads against 256 keys is a 768 KiB score tile. Memory is ``O(q_block x S)`` at most; the
     backward adds float32 ``dK``/``dV`` buffers the size of ``k`` and ``v``. Differentiable w.r.t. ``q``, ``k``
     and ``v`` (and through the log-sum-exp when returned); the mask gets no gradient.
-
-    ``layer=l`` takes ``k``/``v`` as a stacked cache ``[L, B, K, S, D]`` and reads layer ``l`` where it lies
-    (slicing it out first would copy it every decode step).
     """
-    check_call(q, k, v, mask, normalizer, layer)
-    if layer is None:
-        k, v, layer = k[None], v[None], 0
+    check_call(q, k, v, mask, normalizer)
     batch, q_len, num_heads, head_dim = q.shape
-    num_kv_heads, cap = k.shape[2], k.shape[3]
+    num_kv_heads, cap = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
     scale = head_dim**-0.5 if scale is None else scale
     q_block, kv_block = min(q_block, q_len), min(kv_block, cap)
@@ -321,7 +309,7 @@ def chunked_attention(
     # [nq, B, K, G*qb, D]: rows of a query tile ordered (group, query) so each KV head is one matmul
     q_blocks = (q * jnp.asarray(scale, q.dtype)).reshape(batch, num_q, q_block, num_kv_heads, group, head_dim)
     q_blocks = q_blocks.transpose(1, 0, 3, 4, 2, 5).reshape(num_q, batch, num_kv_heads, group * q_block, head_dim)
-    out, lse = _flash_attention(tiling, q_blocks, k, v, mask, jnp.asarray(layer, jnp.int32), layout)
+    out, lse = _flash_attention(tiling, q_blocks, k, v, mask, layout)
     out = out.reshape(num_q, batch, num_kv_heads, group, q_block, head_dim).transpose(1, 0, 4, 2, 3, 5)
     out = out.reshape(batch, num_q * q_block, num_heads, head_dim)[:, :q_len]
     if not return_lse:

@@ -336,7 +336,29 @@ def _show(value: Any) -> str:
     return repr(value) if not isinstance(value, jax.core.Tracer) else "a traced value"
 
 
-jax.tree_util.register_dataclass(Mask, data_fields=list(_ARRAYS), meta_fields=list(_STATIC))
+def _flatten(mask: Mask) -> tuple[tuple[tuple[jax.tree_util.GetAttrKey, Any], ...], tuple]:
+    """Leaves: the arrays that are set. An unset one (its restricting-nothing default, 0 or None) stays in the
+    structure, so a mask passed through ``jax.jit`` keeps its unset offsets unset and can be combined again."""
+    default = Mask()
+    present = tuple(name for name in _ARRAYS if not _unset(getattr(mask, name), getattr(default, name)))
+    children = tuple((jax.tree_util.GetAttrKey(name), getattr(mask, name)) for name in present)
+    return children, (*(getattr(mask, name) for name in _STATIC), present)
+
+
+def _unflatten(aux: tuple, children: Any) -> Mask:
+    *static, present = aux
+    mask = object.__new__(Mask)  # JAX rebuilds masks with placeholders as leaves: no validation here
+    for name, value in zip(_STATIC, static, strict=True):
+        object.__setattr__(mask, name, value)
+    default = Mask()
+    for name in _ARRAYS:
+        object.__setattr__(mask, name, getattr(default, name))
+    for name, value in zip(present, children, strict=True):
+        object.__setattr__(mask, name, value)
+    return mask
+
+
+jax.tree_util.register_pytree_with_keys(Mask, _flatten, _unflatten)
 
 
 # -- constructors: one kind each, combined with & --------------------------------------------------------------------

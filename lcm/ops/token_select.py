@@ -266,7 +266,7 @@ def init_selection_cache(
     batch: int, num_heads: int, head_dim: int, k: int, num_layers: int | None = None
 ) -> SelectionCache:
     """An empty cache: nothing is reused until a row has selected once. With ``num_layers``, one per layer,
-    stacked on a leading axis (what :class:`lcm.cache.kv.KVCache` holds)."""
+    stacked on a leading axis (the cache holds one per layer, :class:`lcm.cache.kv.LayerCache`)."""
     lead = () if num_layers is None else (num_layers,)
     return SelectionCache(
         q_mean=jnp.zeros((*lead, batch, num_heads, head_dim), jnp.float32),

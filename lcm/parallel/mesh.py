@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lcm.cache.kv import KVCache
+from lcm.cache.kv import KVCache, LayerCache
 from lcm.models.llama import Llama, LlamaConfig, abstract_model
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
@@ -41,14 +41,13 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
     "vocab": ("tensor",),
 }
 
-# the KV cache's axes: keys and values [L, B, K, S, D], positions [B, S], per-entry scores [L, B, K, S]
-_CACHE_AXES = {
-    "keys": ("layers", "batch", "kv_heads", "length", "head_dim"),
-    "values": ("layers", "batch", "kv_heads", "length", "head_dim"),
+# a layer's state's axes: keys and values [B, K, S, D], positions [B, S], per-entry statistics [B, K, S]
+_LAYER_AXES = {
+    "keys": ("batch", "kv_heads", "length", "head_dim"),
+    "values": ("batch", "kv_heads", "length", "head_dim"),
     "positions": ("batch", "length"),
-    "scores": ("layers", "batch", "kv_heads", "length"),
-    "token_nll": ("layers", "batch", "kv_heads", "length"),
-    "starts": ("batch",),
+    "scores": ("batch", "kv_heads", "length"),
+    "token_nll": ("batch", "kv_heads", "length"),
 }
 
 
@@ -121,12 +120,20 @@ def shard_params(model: Llama, mesh: Mesh, rules: Mapping[str, Sequence[str]] = 
 
 
 def shard_cache(cache: KVCache, mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> KVCache:
-    """``cache`` placed on ``mesh``: batch rows over the data axes, KV heads over ``tensor``, slots over
-    ``context`` (where they divide); the filled length replicated."""
-    placed = {}
-    for name, axes in _CACHE_AXES.items():
-        value = getattr(cache, name, None)
-        if isinstance(value, jax.Array):
-            placed[name] = jax.device_put(value, NamedSharding(mesh, logical_spec(axes, value.shape, mesh, rules)))
-    placed["length"] = jax.device_put(cache.length, NamedSharding(mesh, PartitionSpec()))
-    return dataclasses.replace(cache, **placed)
+    """``cache`` placed on ``mesh``: in every layer, batch rows over the data axes, KV heads over ``tensor``,
+    slots over ``context`` (where they divide); filled lengths replicated."""
+
+    def put(value: jax.Array, axes: Sequence[str]) -> jax.Array:
+        return jax.device_put(value, NamedSharding(mesh, logical_spec(axes, value.shape, mesh, rules)))
+
+    def place(layer: LayerCache) -> LayerCache:
+        placed = {
+            name: put(getattr(layer, name), axes)
+            for name, axes in _LAYER_AXES.items()
+            if isinstance(getattr(layer, name), jax.Array)
+        }
+        placed["length"] = jax.device_put(layer.length, NamedSharding(mesh, PartitionSpec()))
+        return dataclasses.replace(layer, **placed)
+
+    starts = None if cache.starts is None else put(cache.starts, ("batch",))
+    return dataclasses.replace(cache, layers=tuple(place(layer) for layer in cache.layers), starts=starts)

@@ -8,18 +8,17 @@ slots can be read back from the keys themselves.
 
 from __future__ import annotations
 
-import dataclasses
-
 import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stacked import kept, stacked, tagged_cache
 
 import lcm.steps
 from lcm.cache.infinipot import InfiniPot
-from lcm.cache.kv import init_cache, token_novelty
+from lcm.cache.kv import token_novelty
 from lcm.cache.policies import POLICIES, compress, make_policy
 from lcm.generate import Engine
 from lcm.models.llama import Llama
@@ -28,22 +27,11 @@ CATALYST = (5, 17, 42, 8, 99, 3)  # stands for the tokenized catalyst prompt in 
 
 
 def _tagged_cache(layers: int, heads: int, capacity: int, length: int, scores: np.ndarray, nll: np.ndarray):
-    cache = init_cache(layers, 1, capacity, heads, 4, keys_pre_rope=True)
-    slots = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.float32)[:, None], (layers, 1, heads, capacity, 4))
-    shape = (layers, 1, heads, capacity)
-    return dataclasses.replace(
-        cache,
-        keys=slots,
-        values=slots + 100.0,
-        positions=jnp.arange(capacity, dtype=jnp.int32)[None] + 7,  # original positions, not slots
-        length=jnp.int32(length),
-        scores=jnp.asarray(np.broadcast_to(scores, shape), jnp.float32),
-        token_nll=jnp.asarray(np.broadcast_to(nll, shape), jnp.float32),
-    )
+    # original positions 7.., not slots: CR-RoPE must renumber them
+    return tagged_cache(layers, heads, capacity, length, scores=scores, nll=nll, first_position=7, keys_pre_rope=True)
 
 
-def _kept(cache, layer: int = 0, head: int = 0) -> list[int]:
-    return [int(x) for x in np.asarray(cache.keys[layer, 0, head, : int(cache.length), 0])]
+_kept = kept
 
 
 def test_nuc_picks_are_shared_and_cap_fills_the_rest_per_head() -> None:
@@ -60,13 +48,13 @@ def test_nuc_picks_are_shared_and_cap_fills_the_rest_per_head() -> None:
     # NuC: 2 of the 4 slots to the highest NLL, slots 5 (9.0) and 2 (7.0), in every head; CaP: the 2 best others
     assert _kept(out, head=0) == [1, 2, 5, 8]
     assert _kept(out, head=1) == [0, 2, 5, 9]
-    np.testing.assert_array_equal(out.values[0, 0, 0, :4, 0], [101, 102, 105, 108])
+    np.testing.assert_array_equal(out.layers[0].values[0, 0, :4, 0], [101, 102, 105, 108])
     # NuC moves with its entry
-    np.testing.assert_array_equal(out.token_nll[0, 0, 0, :4], np.float32([1.0, 7.0, 9.0, 0.2]))
-    np.testing.assert_array_equal(out.token_nll[0, 0, 1, :4], np.float32([0.0, 7.0, 9.0, 1.5]))
-    np.testing.assert_array_equal(out.scores[0, 0, 1, :4], [3.0, 60.0, 0.0, 5.0])
+    np.testing.assert_array_equal(out.layers[0].token_nll[0, 0, :4], np.float32([1.0, 7.0, 9.0, 0.2]))
+    np.testing.assert_array_equal(out.layers[0].token_nll[0, 1, :4], np.float32([0.0, 7.0, 9.0, 1.5]))
+    np.testing.assert_array_equal(out.layers[0].scores[0, 1, :4], [3.0, 60.0, 0.0, 5.0])
     # CR-RoPE: kept entries renumbered 0..|C|-1 in their original order, whatever positions they had
-    np.testing.assert_array_equal(out.positions[0, :4], np.arange(4))
+    np.testing.assert_array_equal(out.layers[0].positions[0, :4], np.arange(4))
 
 
 @pytest.mark.parametrize(("alpha", "head0", "head1"), [(0.0, [1, 4, 5, 8], [0, 2, 7, 9]), (1.0, [2, 4, 5, 7], None)])
@@ -115,7 +103,7 @@ def test_nuc_of_new_tokens_is_the_models_own_nll(model: Llama) -> None:
     # chunk boundaries (slots 8, 16, 24) take their prediction from the previous chunk's last logits
     for layer in range(model.config.num_layers):
         for head in range(model.config.num_kv_heads):
-            got = np.asarray(cache.token_nll[layer, 0, head, :29])
+            got = np.asarray(cache.layers[layer].token_nll[0, head, :29])
             chex.assert_trees_all_close(got[1:], want, atol=1e-5, rtol=1e-5)
             np.testing.assert_allclose(got[0], np.log(model.config.vocab_size), rtol=1e-6)  # uniform: no prediction
 
@@ -132,9 +120,9 @@ def test_the_catalyst_probe_scores_the_pot_and_leaves_no_trace(model: Llama, mon
     probe = lcm.steps.probe_chunk
 
     def spy(graphdef, params, tokens, positions, rope_seq_len, cache):
-        before = (int(cache.length), np.asarray(cache.keys), np.asarray(cache.positions))
+        before = (int(cache.length), stacked(cache, "keys"), stacked(cache, "positions"))
         out = probe(graphdef, params, tokens, positions, rope_seq_len, cache)
-        seen.append((before, np.asarray(positions), int(out.length), np.asarray(out.keys), np.asarray(out.scores)))
+        seen.append((before, np.asarray(positions), int(out.length), stacked(out, "keys"), stacked(out, "scores")))
         return out
 
     monkeypatch.setattr(lcm.steps, "probe_chunk", spy)
@@ -168,7 +156,7 @@ def test_cr_rope_renumbers_the_pot_and_new_tokens_continue_from_it(model: Llama,
     _, cache = engine.prefill(tokens, engine.new_cache(1, engine.prompt_capacity(45)))
     assert starts == [0, 8, 16, 16, 16, 16]  # after each CCD cycle new tokens continue from |C| = 16
     assert int(cache.length) == 16 + 5  # no cycle after the last chunk (5 tokens): it stays in the pot
-    np.testing.assert_array_equal(np.asarray(cache.positions)[0, :21], np.arange(21))
+    np.testing.assert_array_equal(np.asarray(cache.layers[0].positions)[0, :21], np.arange(21))
 
 
 def test_a_budget_covering_the_context_reproduces_the_full_cache(model: Llama) -> None:

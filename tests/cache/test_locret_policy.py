@@ -7,14 +7,12 @@ slots can be read back from the keys themselves.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from stacked import kept, tagged_cache
 
-from lcm.cache.kv import init_cache
 from lcm.cache.locret import Locret
 from lcm.cache.policies import KVPolicy, compress
 
@@ -30,20 +28,11 @@ LENGTH = 8
 
 def _tagged_cache(scores: np.ndarray, length: int):
     layers, _, heads, capacity = scores.shape
-    cache = init_cache(layers, 1, capacity, heads, 4, keys_pre_rope=True)
-    slots = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.float32)[:, None], (layers, 1, heads, capacity, 4))
-    return dataclasses.replace(
-        cache,
-        keys=slots,
-        values=slots + 100.0,
-        positions=jnp.arange(capacity, dtype=jnp.int32)[None] + 7,
-        length=jnp.int32(length),
-        scores=jnp.asarray(scores, jnp.float32),
-    )
+    return tagged_cache(layers, heads, capacity, length, scores=scores, first_position=7, keys_pre_rope=True)
 
 
 def _kept(cache, head: int) -> list[int]:
-    return [int(x) for x in np.asarray(cache.keys[0, 0, head, : int(cache.length), 0])]
+    return kept(cache, 0, head)
 
 
 def test_stabilisers_keep_the_newest_entries_then_the_highest_scores() -> None:
@@ -56,8 +45,8 @@ def test_stabilisers_keep_the_newest_entries_then_the_highest_scores() -> None:
     assert _kept(out, 0) == [2, 4, 6, 7]  # stabilisers 6, 7; then 9.0 (slot 2) and 7.0 (slot 4)
     assert _kept(out, 1) == [1, 3, 6, 7]  # stabilisers 6, 7; then 8.0 (slot 1) and 6.0 (slot 3)
     # scores move with their entries; positions are renumbered 0…budget-1 (keys are stored pre-RoPE)
-    np.testing.assert_array_equal(np.asarray(out.scores[0, 0, 0, :4]), [9.0, 7.0, 0.0, 4.0])
-    np.testing.assert_array_equal(np.asarray(out.positions[0]), np.arange(10))
+    np.testing.assert_array_equal(np.asarray(out.layers[0].scores[0, 0, :4]), [9.0, 7.0, 0.0, 4.0])
+    np.testing.assert_array_equal(np.asarray(out.layers[0].positions[0]), np.arange(10))
 
 
 def test_final_compression_ranks_by_score_alone() -> None:

@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stacked import kept, stacked, tagged_cache
 
-from lcm.cache.kv import init_cache
 from lcm.cache.locret import Locret
 from lcm.cache.policies import H2O, POLICIES, KVPolicy, SnapKV, StreamingLLM, compress, make_policy, parse_policy
 from lcm.generate import Engine
@@ -26,21 +26,12 @@ from lcm.ops.kv_scores import attention_mass, reference_attention_mass
 
 
 def _tagged_cache(layers: int, heads: int, capacity: int, length: int, scores: np.ndarray | None = None):
-    cache = init_cache(layers, 1, capacity, heads, 4)
-    slots = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.float32)[:, None], (layers, 1, heads, capacity, 4))
-    positions = jnp.arange(capacity, dtype=jnp.int32)[None]
-    cache = cache.__class__(
-        keys=slots,
-        values=slots + 100.0,
-        positions=positions,
-        length=jnp.int32(length),
-        scores=None if scores is None else jnp.asarray(scores, jnp.float32).reshape(layers, 1, heads, capacity),
-    )
-    return cache
+    if scores is not None:
+        scores = np.asarray(scores).reshape(layers, 1, heads, capacity)
+    return tagged_cache(layers, heads, capacity, length, scores=scores)
 
 
-def _kept(cache, layer: int = 0, head: int = 0) -> list[int]:
-    return [int(x) for x in np.asarray(cache.keys[layer, 0, head, : int(cache.length), 0])]
+_kept = kept
 
 
 def test_streamingllm_keeps_sinks_and_the_most_recent_and_renumbers() -> None:
@@ -50,8 +41,8 @@ def test_streamingllm_keeps_sinks_and_the_most_recent_and_renumbers() -> None:
     for layer in range(2):
         for head in range(3):
             assert _kept(out, layer, head) == [0, 1, 6, 7, 8, 9]  # 2 sinks + the 4 newest of slots 0..9
-    np.testing.assert_array_equal(out.values[0, 0, 0, :6, 0], [100, 101, 106, 107, 108, 109])
-    np.testing.assert_array_equal(out.positions[0, :6], np.arange(6))  # positions within the cache
+    np.testing.assert_array_equal(out.layers[0].values[0, 0, :6, 0], [100, 101, 106, 107, 108, 109])
+    np.testing.assert_array_equal(out.layers[0].positions[0, :6], np.arange(6))  # positions within the cache
 
 
 def test_h2o_keeps_heavy_hitters_per_head_and_the_recent_window() -> None:
@@ -62,7 +53,7 @@ def test_h2o_keeps_heavy_hitters_per_head_and_the_recent_window() -> None:
     out = compress(H2O(budget=4, recent=2), _tagged_cache(1, 2, 12, length=10, scores=scores), jnp.int32(10))
     assert _kept(out, head=0) == [1, 4, 8, 9]  # top-2 heavy hitters of slots 0..7, then the 2 most recent
     assert _kept(out, head=1) == [3, 7, 8, 9]
-    np.testing.assert_array_equal(out.scores[0, 0, 0, :4], [3.0, 9.0, 50.0, 50.0])  # scores move with entries
+    np.testing.assert_array_equal(out.layers[0].scores[0, 0, :4], [3.0, 9.0, 50.0, 50.0])  # scores move with entries
 
 
 def test_snapkv_pools_votes_and_keeps_the_window() -> None:
@@ -158,7 +149,7 @@ def test_snapkv_prefills_everything_then_keeps_its_budget(model: Llama) -> None:
     cache = engine.new_cache(1, engine.prompt_capacity(30))
     assert cache.capacity == 32
     _, cache = engine.prefill(tokens, cache)
-    assert int(cache.length) == 10 and float(cache.scores.sum()) > 0
+    assert int(cache.length) == 10 and float(stacked(cache, "scores").sum()) > 0
     assert engine.generate(tokens, 3).shape == (1, 3)
 
 

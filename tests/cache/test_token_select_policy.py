@@ -70,7 +70,7 @@ def test_prefill_and_decode_match_the_numpy_reference(model: Llama, threshold: f
     # float32 against float64 through 2 layers of O(1) activations: round-off ~1e-6; a wrong selection or
     # position moves logits by O(0.1)
     np.testing.assert_allclose(np.asarray(logits[0]), want_logits, atol=1e-4, rtol=1e-4)
-    assert bool(np.asarray(cache.selection.filled).all())
+    assert all(bool(np.asarray(layer.selection.filled).all()) for layer in cache.layers)
     np.testing.assert_array_equal(engine.generate(tokens, 8)[0], want_tokens)
 
 

@@ -279,24 +279,6 @@ def test_log_sum_exp_and_its_gradient(kind: str) -> None:
         np.testing.assert_allclose(g, w, **GRAD_TOL, err_msg=f"{kind} {name}")
 
 
-@pytest.mark.parametrize("implementation", sorted(api.IMPLEMENTATIONS))
-def test_stacked_cache_at_a_layer(implementation: str) -> None:
-    """The model's call: keys and values as the stacked heads-first cache, read at a traced layer index."""
-    _require(implementation)
-    q, _, _ = _qkv(2, 1, 48, 1, 9, 3, 64)
-    rng = np.random.default_rng(3)
-    keys, values = (jnp.asarray(rng.standard_normal((4, 1, 3, 130, 64)), jnp.float32) for _ in range(2))
-    mask = masks.causal() & masks.offsets(70, 118)
-
-    @jax.jit
-    def run(q, keys, values, layer):
-        return api.attention(q, keys, values, mask=mask, layer=layer, implementation=implementation)
-
-    for layer in (0, 2):
-        want = reference_attention(q, keys[layer], values[layer], mask=mask)
-        np.testing.assert_allclose(run(q, keys, values, jnp.int32(layer)), want, **F32_TOL)
-
-
 def test_auto_falls_through_where_the_kernel_declines() -> None:
     """Documents and bfloat16: "cpu" alone declines with its reason, "auto" and the default give the XLA result."""
     _require("cpu")
@@ -398,7 +380,8 @@ def test_masks_are_pytrees_with_a_static_structure() -> None:
     """Arrays are leaves (a new offset reuses the compiled program); the kinds are the static structure."""
     mask = masks.causal() & masks.sliding_window(8, sinks=2) & masks.offsets(3, 9)
     leaves, treedef = jax.tree.flatten(mask)
-    assert leaves == [3, 0, 9] and jax.tree.unflatten(treedef, leaves).structure == mask.structure
+    # unset arrays (k_offset 0 here) stay out of the leaves: a mask passed through jit keeps them unset
+    assert leaves == [3, 9] and jax.tree.unflatten(treedef, leaves).structure == mask.structure
     traces = []
 
     @jax.jit
@@ -410,6 +393,16 @@ def test_masks_are_pytrees_with_a_static_structure() -> None:
         run(masks.causal() & masks.offsets(jnp.int32(start), jnp.int32(start + 4)))
     assert len(traces) == 1
     hash(mask.structure)
+
+    @jax.jit
+    def placed(mask, start):  # a layer adds where its chunk sits to the forward's mask, inside the program
+        return (mask & masks.offsets(q_offset=start, kv_length=start + 4)).dense(4, 12)
+
+    forward = masks.causal() & masks.sliding_window(3)
+    want = (forward & masks.offsets(q_offset=5, kv_length=9)).dense(4, 12)
+    np.testing.assert_array_equal(placed(forward, jnp.int32(5)), want)
+    with pytest.raises(ValueError, match="both masks set q_offset"):
+        jax.jit(lambda m: m & masks.offsets(q_offset=1))(masks.offsets(q_offset=jnp.int32(2)))
 
 
 def test_long_query_tiles_past_the_key_threshold() -> None:

@@ -223,9 +223,11 @@ def test_module_call_equals_pure_forward() -> None:
     # with no cache the training forward: the same logits (fresh keys and values), and no state back
     chex.assert_trees_all_close(train_logits, pure_logits, **F32_SAME_MATH_TOL)
     assert no_cache is None
-    chex.assert_trees_all_close(cache.keys, pure_cache.keys, **F32_SAME_MATH_TOL)
+    chex.assert_trees_all_close(cache.layers, pure_cache.layers, **F32_SAME_MATH_TOL)
     assert int(cache.length) == 13 and cache.capacity == 13
-    np.testing.assert_array_equal(cache.positions, positions)
+    for layer in cache.layers:
+        assert int(layer.length) == 13
+        np.testing.assert_array_equal(layer.positions, positions)
 
 
 def _decode_incrementally(model: Llama, tokens: jax.Array, prompt: int, capacity: int, keys_pre_rope: bool):
@@ -240,8 +242,9 @@ def _decode_incrementally(model: Llama, tokens: jax.Array, prompt: int, capacity
     for t in range(prompt, total):
         logits, cache = step(params, tokens[:, t : t + 1], _positions(batch, 1, t), cache)
         pieces.append(logits)
-    assert int(cache.length) == total
-    np.testing.assert_array_equal(cache.positions[:, :total], _positions(batch, total))
+    for layer in cache.layers:
+        assert int(layer.length) == total
+        np.testing.assert_array_equal(layer.positions[:, :total], _positions(batch, total))
     return jnp.concatenate(pieces, axis=1), cache
 
 
@@ -255,25 +258,53 @@ def test_incremental_decoding_matches_full_forward() -> None:
     chex.assert_trees_all_close(unrotated, full, **F32_SAME_MATH_TOL)
     # the pre-RoPE cache holds the same values (bit-exact in layer 0, which sees only the embeddings; deeper layers
     # inherit attention round-off) and, at position 0 (no rotation), the same keys; later keys differ
-    np.testing.assert_array_equal(rotated_cache.values[0], unrotated_cache.values[0])
-    chex.assert_trees_all_close(rotated_cache.values, unrotated_cache.values, **F32_SAME_MATH_TOL)
-    chex.assert_trees_all_close(rotated_cache.keys[:, :, :, 0], unrotated_cache.keys[:, :, :, 0], **F32_SAME_MATH_TOL)
-    assert np.abs(np.asarray(rotated_cache.keys[:, :, :, 1:13] - unrotated_cache.keys[:, :, :, 1:13])).max() > 1e-2
+    rotated_layers, unrotated_layers = rotated_cache.layers, unrotated_cache.layers
+    np.testing.assert_array_equal(rotated_layers[0].values, unrotated_layers[0].values)
+    for rotated_layer, unrotated_layer in zip(rotated_layers, unrotated_layers, strict=True):
+        chex.assert_trees_all_close(rotated_layer.values, unrotated_layer.values, **F32_SAME_MATH_TOL)
+        chex.assert_trees_all_close(rotated_layer.keys[:, :, 0], unrotated_layer.keys[:, :, 0], **F32_SAME_MATH_TOL)
+        assert np.abs(np.asarray(rotated_layer.keys[:, :, 1:13] - unrotated_layer.keys[:, :, 1:13])).max() > 1e-2
+
+
+def _sines_outside_fallbacks(hlo: str) -> int:
+    """Sine ops of a compiled program, not counting those in the first branch of a ``conditional`` whose second
+    branch has none (a pre-RoPE layer's own-positions fallback, which runs only where its slot positions differ
+    from the forward's shared table)."""
+    bodies = dict(re.findall(r"\n(%\S+) [^\n]*\{\n(.*?)\n\}", hlo, flags=re.S))
+
+    def sines(name: str, seen: frozenset = frozenset()) -> int:
+        body = bodies.get(name, "")
+        called = re.findall(r"(?:calls|to_apply|branch_computations)=\{?([^}\s,]+(?:, %[^}\s,]+)*)", body)
+        inner = [c for group in called for c in group.split(", ") if c not in seen]
+        return len(re.findall(r" sine\(", body)) + sum(sines(c, seen | {name}) for c in inner)
+
+    total = sum(len(re.findall(r" sine\(", body)) for body in bodies.values())
+    fallback = 0
+    for first, second in re.findall(r"conditional\([^\n]*branch_computations=\{(%[^,]+), (%[^}]+)\}", hlo):
+        if sines(second) == 0:
+            fallback += sines(first)
+    return total - fallback
 
 
 @pytest.mark.parametrize("keys_pre_rope", [False, True])
 def test_rope_tables_are_computed_once_per_forward(keys_pre_rope: bool) -> None:
     """The compiled forward evaluates sin/cos in one place (both branches of ``llama._materialised``), not
-    inside every layer's rotation, whatever the layer count: the fix for XLA recomputing them per consumer."""
+    inside every layer's rotation, whatever the layer count: the fix for XLA recomputing them per consumer. With
+    keys stored pre-RoPE each layer's only own sin/cos is its fallback branch, for slot positions that differ from
+    the shared table's; every layer here numbers its slots alike, and the fallback is not taken (the outputs are
+    those of the rotated-key cache, checked elsewhere)."""
     counts = {}
     for layers in (2, 4):
         model = _tiny_model(dataclasses.replace(TINY, num_layers=layers))
         graphdef, params = nnx.split(model)
         cache = model.init_cache(1, 16, keys_pre_rope=keys_pre_rope)
-        hlo = _jit_forward(graphdef).lower(params, _tokens(0, 1, 16), _positions(1, 16), cache).compile().as_text()
-        counts[layers] = len(re.findall(r"= f32\[[^\]]*\][^=]* sine\(", hlo))
+        token, position = jnp.zeros((1,), jnp.int32), jnp.full((1,), 3, jnp.int32)
+        hlo = steps.decode_step.lower(graphdef, params, token, position, cache).compile().as_text()
+        counts[layers] = (_sines_outside_fallbacks(hlo), len(re.findall(r" sine\(", hlo)))
     tables = 2 if keys_pre_rope else 1  # the chunk's positions, and the cache slots' for pre-RoPE keys
-    assert counts[2] == counts[4] <= 2 * tables, counts
+    assert counts[2][0] == counts[4][0] <= 2 * tables, counts
+    if keys_pre_rope:  # the fallbacks exist (else the count above could not fail): one per layer
+        assert [counts[n][1] - counts[n][0] for n in (2, 4)] == [2, 4], counts
 
 
 def _copied_whole(hlo: str, *arrays: jax.Array) -> list[str]:
@@ -287,34 +318,32 @@ def _copied_whole(hlo: str, *arrays: jax.Array) -> list[str]:
 
 
 @pytest.mark.parametrize("keys_pre_rope", [False, True])
-def test_decode_step_writes_the_stacked_cache_in_place(keys_pre_rope: bool) -> None:
-    """The compiled decode step copies no whole ``[L, B, K, S, D]`` cache. A pre-RoPE cache (StreamingLLM,
-    InfiniPot, Locret, TokenSelect) reads a rotated copy of each layer; once XLA fused that read with the next
-    layer's write, the write was no longer in place and the step copied the stacked values once per layer (a
-    30-layer step at 1.5k entries took 7x the time of the rotated-key cache)."""
+def test_decode_step_writes_each_layer_in_place(keys_pre_rope: bool) -> None:
+    """The compiled decode step copies no layer's ``[B, K, S, D]`` buffer. A layer's buffer has two readers after
+    its write (the returned state and attention); when attention read it reshaped (``k[None]`` for a stacked
+    kernel), XLA duplicated the write into both and copied keys and values four times per layer per step."""
     model = _tiny_model(dataclasses.replace(TINY, num_layers=4))
     graphdef, params = nnx.split(model)
-    cache = model.init_cache(1, 32, keys_pre_rope=keys_pre_rope)
-    cache = dataclasses.replace(cache, length=jnp.int32(20))
+    cache = model.init_cache(1, 32, keys_pre_rope=keys_pre_rope).replace_layers(length=jnp.int32(20))
     token, position = jnp.zeros((1,), jnp.int32), jnp.full((1,), 20, jnp.int32)
     hlo = steps.decode_step.lower(graphdef, params, token, position, cache).compile().as_text()
-    assert _copied_whole(hlo, cache.keys) == []
+    assert _copied_whole(hlo, cache.layers[0].keys) == []
     # the same steps in the on-device loop: the cache is the loop's carry, updated in place
     stops, done = jnp.asarray([7], jnp.int32), jnp.zeros((1,), bool)
     lowered = steps.decode_block.lower(graphdef, params, token, position, cache, 4, jnp.int32(4), stops, done)
-    assert _copied_whole(lowered.compile().as_text(), cache.keys) == []
+    assert _copied_whole(lowered.compile().as_text(), cache.layers[0].keys) == []
 
 
 @pytest.mark.parametrize("keys_pre_rope", [False, True])
-def test_observed_prefill_chunk_writes_the_stacked_cache_and_scores_in_place(keys_pre_rope: bool) -> None:
-    """A prefill chunk whose queries add their attention mass to the scores (H2O, SnapKV) copies neither the
-    whole ``[L, B, K, S, D]`` cache nor the ``[L, B, K, S]`` scores. The mass read each layer's keys without
-    being ordered before the next layer's write, and XLA copied the stacked keys once per layer (an 8k H2O
-    prefill took longer than the full cache's)."""
+def test_observed_prefill_chunk_writes_each_layer_and_its_scores_in_place(keys_pre_rope: bool) -> None:
+    """A prefill chunk whose queries add their attention mass to the scores (H2O, SnapKV) copies neither a
+    layer's ``[B, K, S, D]`` buffer nor its ``[B, K, S]`` scores (attention and the mass both read the layer's
+    keys; with the stacked cache the mass once made XLA copy the whole stack per layer)."""
     model = _tiny_model(dataclasses.replace(TINY, num_layers=4))
     graphdef, params = nnx.split(model)
     cache = model.init_cache(1, 64, keys_pre_rope=keys_pre_rope)
-    cache = dataclasses.replace(cache, length=jnp.int32(20), scores=jnp.zeros(cache.keys.shape[:4], jnp.float32))
+    scores = [jnp.zeros(layer.keys.shape[:3], jnp.float32) for layer in cache.layers]
+    cache = cache.replace_layers(length=jnp.int32(20), scores=scores)
     tokens, positions = jnp.zeros((1, 16), jnp.int32), jnp.arange(20, 36, dtype=jnp.int32)[None]
     observers = jnp.ones((1, 16), bool)
     hlo = (
@@ -322,7 +351,70 @@ def test_observed_prefill_chunk_writes_the_stacked_cache_and_scores_in_place(key
         .compile()
         .as_text()
     )
-    assert _copied_whole(hlo, cache.keys, cache.scores) == []
+    assert _copied_whole(hlo, cache.layers[0].keys, cache.layers[0].scores) == []
+
+
+@pytest.mark.parametrize("keys_pre_rope", [False, True])
+def test_layers_of_different_capacities_compute_what_equal_ones_do(keys_pre_rope: bool) -> None:
+    """Each layer owns a buffer of its own capacity: a cache whose second layer holds 16 slots and whose first holds
+    32 gives the logits of a cache of 32 in both (prefill, then single-token steps), its arrays keep their shapes,
+    and a pre-RoPE layer whose slot positions differ in shape from the shared table's rotates with its own."""
+    model = _tiny_model(TINY)
+    graphdef, params = nnx.split(model)
+    tokens = _tokens(11, 1, 14)
+    outs = {}
+    for capacities in ((32, 32), (32, 16)):
+        cache = model.init_cache(1, capacities, keys_pre_rope=keys_pre_rope)
+        logits, cache = _jit_forward(graphdef)(params, tokens[:, :10], _positions(1, 10), cache)
+        pieces = [logits]
+        for t in range(10, 14):
+            logits, cache = _jit_forward(graphdef)(params, tokens[:, t : t + 1], _positions(1, 1, t), cache)
+            pieces.append(logits)
+        assert [layer.keys.shape[2] for layer in cache.layers] == list(capacities)
+        assert [int(layer.length) for layer in cache.layers] == [14, 14]
+        outs[capacities] = jnp.concatenate(pieces, axis=1)
+    chex.assert_trees_all_close(outs[32, 16], outs[32, 32], **F32_SAME_MATH_TOL)
+
+
+def test_a_pre_rope_layer_uses_the_shared_table_only_for_its_own_positions() -> None:
+    """``LayerInputs.slot_positions``/``slot_rotation`` are a shared cos/sin table: a layer whose positions equal
+    ``slot_positions`` rotates its keys with it, any other computes its own (a wrong table given for other
+    positions must change nothing)."""
+    from lcm.cache.kv import init_layer
+    from lcm.models.decoder_layer import LayerInputs, LayerSettings, decoder_layer
+    from lcm.ops import masks, rotary
+
+    model = _tiny_model(TINY)
+    cfg = model.config
+    block_graphdef, block_params = nnx.split(model.layers[0])
+    rng = np.random.default_rng(0)
+    state = init_layer(1, 16, cfg.num_kv_heads, cfg.head_dim)
+    state = dataclasses.replace(
+        state,
+        keys=jnp.asarray(rng.standard_normal(state.keys.shape), jnp.float32),
+        values=jnp.asarray(rng.standard_normal(state.values.shape), jnp.float32),
+        positions=jnp.asarray(rng.permutation(16)[None], jnp.int32),  # slots renumbered out of order
+        length=jnp.int32(9),
+    )
+    x = jnp.asarray(rng.standard_normal((1, 3, cfg.hidden_size)), jnp.float32)
+    positions = _positions(1, 3, 20)
+    inv_freq, factor = model.rope_tables(32)
+    written = jax.lax.dynamic_update_slice(state.positions, positions, (0, 9))
+    table = rotary.rope_cos_sin(written, inv_freq, factor)
+    settings = LayerSettings(keys_pre_rope=True)
+
+    def run(slot_positions, slot_rotation):
+        inputs = LayerInputs(
+            positions, rotary.rope_cos_sin(positions, inv_freq, factor), masks.causal(), inv_freq, factor,
+            jnp.int32(3), slot_positions, slot_rotation,
+        )  # fmt: skip
+        return decoder_layer(settings, block_graphdef, block_params, x, state, inputs)[0]
+
+    own = run(None, None)
+    np.testing.assert_array_equal(run(written, table), own)  # the table of its own positions: the same numbers
+    wrong = tuple(2.0 * t for t in table)
+    np.testing.assert_array_equal(run(written + 1, wrong), own)  # other positions: the table is not used
+    assert np.abs(np.asarray(run(written, wrong) - own)).max() > 1e-3  # else the checks above could not fail
 
 
 def test_rope_variant_swap_keeps_parameters() -> None:
@@ -354,7 +446,7 @@ def test_bfloat16_model() -> None:
     assert np.mean(np.argmax(logits, -1) == np.argmax(f32_logits, -1)) > 0.8
     # incremental decoding in bfloat16: the cache is bfloat16 and the tiling changes only the rounding order
     incremental, cache = _decode_incrementally(model, tokens, 12, 13, keys_pre_rope=False)
-    assert cache.keys.dtype == jnp.bfloat16 and cache.values.dtype == jnp.bfloat16
+    assert all(layer.keys.dtype == jnp.bfloat16 and layer.values.dtype == jnp.bfloat16 for layer in cache.layers)
     chex.assert_tree_all_finite(incremental)
     chex.assert_trees_all_close(incremental, logits, atol=0.05 * float(jnp.std(logits)), rtol=0)
 
@@ -453,7 +545,7 @@ def test_parameter_and_compute_dtypes_are_separate() -> None:
     assert {x.dtype for x in jax.tree.leaves(nnx.state(mixed, nnx.Param))} == {jnp.dtype(jnp.float32)}
     tokens, positions = _tokens(6, 2, 12), _positions(2, 12)
     hidden, cache = mixed.hidden_states(tokens, positions, mixed.init_cache(2, 12))
-    assert hidden.dtype == jnp.bfloat16 and cache.keys.dtype == jnp.bfloat16
+    assert hidden.dtype == jnp.bfloat16 and cache.layers[0].keys.dtype == jnp.bfloat16
     want, _ = full(tokens, positions)
     got, _ = mixed(tokens, positions)
     # bfloat16 keeps 8 significant bits: over two layers the logits (std ~9) move by a few 1e-2 relative

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from lcm.kernels.attention import cpu
 from lcm.kernels.attention.config import CpuConfig, XlaConfig, pick
@@ -34,7 +34,7 @@ from lcm.ops.masks import Mask
 __all__ = ["CpuConfig", "XlaConfig", "attention", "default_implementation", "resolve"]
 
 
-def _xla(q, k, v, *, mask, scale, normalizer, return_lse, configs, layer):
+def _xla(q, k, v, *, mask, scale, normalizer, return_lse, configs):
     tiles = pick(configs, XlaConfig)
     return chunked_attention(
         q,
@@ -46,7 +46,6 @@ def _xla(q, k, v, *, mask, scale, normalizer, return_lse, configs, layer):
         return_lse=return_lse,
         q_block=tiles.q_block,
         kv_block=tiles.kv_block,
-        layer=layer,
     )
 
 
@@ -77,15 +76,10 @@ def attention(
     return_lse: bool = False,
     implementation: str | Sequence[str] | None = None,
     config: Any = None,
-    layer: Int[Array, ""] | int | None = None,
 ) -> Float[Array, "B T H D"] | tuple[Float[Array, "B T H D"], Float[Array, "B T H"]]:
     """Attention of ``q`` over ``k``, ``v`` under ``mask`` (the module docstring's shapes), by the first
-    implementation that takes the call. ``scale`` defaults to ``D ** -0.5``.
-
-    ``layer=l`` reads layer ``l`` of a stacked ``[L, B, K, S, D]`` cache where it lies: the model's single
-    stacked cache, until each layer owns its own buffer.
-    """
-    check_call(q, k, v, mask, normalizer, layer)
+    implementation that takes the call. ``scale`` defaults to ``D ** -0.5``."""
+    check_call(q, k, v, mask, normalizer)
     configs = _configs(config)
     return DISPATCH(
         q,
@@ -96,7 +90,6 @@ def attention(
         normalizer=normalizer,
         return_lse=return_lse,
         configs=configs,
-        layer=layer,
         implementation=resolve(implementation),
     )
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from lcm.kernels.attention.config import CpuConfig, XlaConfig, pick
 from lcm.ops import masks
@@ -106,7 +106,7 @@ def available() -> bool:
     return jax.default_backend() == "cpu" and _registered() is None
 
 
-def flash_call(target, q, k, v, layer, q_offset, kv_length, kv_start, *, window, sinks, scale, tiles: CpuConfig):
+def flash_call(target, q, k, v, q_offset, kv_length, kv_start, *, window, sinks, scale, tiles: CpuConfig):
     """The FFI call of the kernel registered as ``target`` (``benchmarks/kernel_ab.py`` registers edited builds),
     tiled as ``tiles`` says (its tuned defaults: :class:`lcm.kernels.attention.config.CpuConfig`)."""
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype))
@@ -114,7 +114,6 @@ def flash_call(target, q, k, v, layer, q_offset, kv_length, kv_start, *, window,
         q,
         k,
         v,
-        layer,
         q_offset,
         kv_length,
         kv_start,
@@ -129,34 +128,44 @@ def flash_call(target, q, k, v, layer, q_offset, kv_length, kv_start, *, window,
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _flash(q, k, v, layer, q_offset, kv_length, kv_start, window, sinks, scale, tiles, xla_config):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _flash(q, k, v, q_offset, kv_length, kv_start, window, sinks, scale, tiles, xla_config):
     return flash_call(
-        TARGET, q, k, v, layer, q_offset, kv_length, kv_start, window=window, sinks=sinks, scale=scale, tiles=tiles
+        TARGET,
+        q,
+        k,
+        v,
+        q_offset,
+        kv_length,
+        kv_start,
+        window=window,
+        sinks=sinks,
+        scale=scale,
+        tiles=tiles,
     )
 
 
-def _flash_fwd(q, k, v, layer, q_offset, kv_length, kv_start, *static):
-    residuals = (q, k, v, layer, q_offset, kv_length, kv_start)
+def _flash_fwd(q, k, v, q_offset, kv_length, kv_start, *static):
+    residuals = (q, k, v, q_offset, kv_length, kv_start)
     return _flash(*residuals, *static), residuals
 
 
 def _flash_bwd(window, sinks, scale, tiles, xla_config, residuals, d_out):
     """The XLA path's FlashAttention-2 backward (it recomputes the forward's statistics)."""
-    q, k, v, layer, q_offset, kv_length, kv_start = residuals
+    q, k, v, q_offset, kv_length, kv_start = residuals
     mask = masks.causal() & masks.offsets(q_offset, kv_length) & masks.left_padding(kv_start)
     if window is not None:
         mask &= masks.sliding_window(window, sinks)
 
     def xla(q, k, v):
         return chunked_attention(
-            q, k, v, mask=mask, scale=scale, q_block=xla_config.q_block, kv_block=xla_config.kv_block, layer=layer
+            q, k, v, mask=mask, scale=scale, q_block=xla_config.q_block, kv_block=xla_config.kv_block
         )
 
     _, vjp = jax.vjp(xla, q, k, v)
     dq, dk, dv = vjp(d_out)
     zero = np.zeros((), jax.dtypes.float0)
-    return dq, dk, dv, zero, zero, zero, np.zeros(kv_start.shape, jax.dtypes.float0)
+    return dq, dk, dv, zero, zero, np.zeros(kv_start.shape, jax.dtypes.float0)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -197,7 +206,6 @@ def cpu_flash_attention(
     normalizer: str,
     return_lse: bool,
     configs: tuple,
-    layer: Int[Array, ""] | int | None,
 ) -> Float[Array, "B T H D"]:
     """:func:`lcm.kernels.attention.api.attention` (arguments already checked there) on the CPU kernel: the same
     result as the XLA path to float32 rounding. Raises ``NotImplementedError`` with the reason where
@@ -207,16 +215,13 @@ def cpu_flash_attention(
     reason = declines(q, k, mask, normalizer, return_lse)
     if reason is not None:
         raise NotImplementedError(reason)
-    if layer is None:
-        k, v, layer = k[None], v[None], 0
-    mask = as_arrays(mask, k.shape[3])  # int32 arrays, kv_length clamped to the buffer
+    mask = as_arrays(mask, k.shape[2])  # int32 arrays, kv_length clamped to the buffer
     kv_start = mask.kv_start if mask.kv_start is not None else jnp.zeros((q.shape[0],), jnp.int32)
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     return _flash(
         q,
         k,
         v,
-        jnp.asarray(layer, jnp.int32),
         mask.q_offset,
         mask.kv_length,
         kv_start,

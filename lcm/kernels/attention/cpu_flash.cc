@@ -11,8 +11,7 @@
 // query at q >= kv_start[b] sees no key below kv_start[b] (padding queries see only padding keys, which the causal
 // rule already gives). A row that sees no key gets zeros.
 //
-// Layouts (float32): q [B, T, H, D], k and v the stacked heads-first cache [L, B, K, S, D] read at `layer`,
-// out [B, T, H, D]. AVX2 + FMA intrinsics; built with -march=native on first use.
+// Layouts (float32): q [B, T, H, D], k and v one layer's heads-first cache [B, K, S, D], out [B, T, H, D]. AVX2 + FMA intrinsics; built with -march=native on first use.
 
 #include <algorithm>
 #include <atomic>
@@ -76,7 +75,7 @@ inline float hsum8(f8 v) {
 struct Problem {
   const float* q;
   const int32_t* kv_start;  // [B]: the first slot of each row's prompt (left padding; all 0 without)
-  const float* k;  // layer `layer` of the stacked cache: [B, K, S, D]
+  const float* k;  // one layer's heads-first cache: [B, K, S, D]
   const float* v;
   float* out;
   int64_t batch, q_len, heads, kv_heads, cap, dim, group;
@@ -371,26 +370,24 @@ struct Shared {
 };
 
 ffi::Error FlashForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> q_offset,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_offset,
                         ffi::Buffer<ffi::S32> kv_length, ffi::Buffer<ffi::S32> kv_start,
                         ffi::ResultBuffer<ffi::F32> out, int64_t window, int64_t sinks, int64_t q_tile,
                         int64_t long_q_tile, int64_t long_keys, int64_t kv_block, int64_t min_split_keys,
                         float scale) {
   const auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 5) return ffi::Error::InvalidArgument("q must be [B,T,H,D], k [L,B,K,S,D]");
+  if (qd.size() != 4 || kd.size() != 4 || v.dimensions().size() != 4)
+    return ffi::Error::InvalidArgument("q must be [B,T,H,D], k and v [B,K,S,D]");
   Problem p;
   p.batch = qd[0]; p.q_len = qd[1]; p.heads = qd[2]; p.dim = qd[3];
-  p.kv_heads = kd[2]; p.cap = kd[3];
+  p.kv_heads = kd[1]; p.cap = kd[2];
   p.group = p.heads / p.kv_heads;
-  const int64_t l = layer.typed_data()[0];
-  if (l < 0 || l >= kd[0]) return ffi::Error::InvalidArgument("layer index out of range");
-  const int64_t layer_size = kd[1] * kd[2] * kd[3] * kd[4];
   if (kv_start.dimensions().size() != 1 || kv_start.dimensions()[0] != p.batch)
     return ffi::Error::InvalidArgument("kv_start must be [B]");
   p.q = q.typed_data();
   p.kv_start = kv_start.typed_data();
-  p.k = k.typed_data() + l * layer_size;
-  p.v = v.typed_data() + l * layer_size;
+  p.k = k.typed_data();
+  p.v = v.typed_data();
   p.out = out->typed_data();
   p.q_offset = q_offset.typed_data()[0];
   p.kv_length = std::min<int64_t>(kv_length.typed_data()[0], p.cap);
@@ -455,7 +452,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcmCpuFlashForward, FlashForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
