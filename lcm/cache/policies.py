@@ -78,7 +78,7 @@ class KVPolicy:
         if self.budget < self.min_budget():
             raise ValueError(
                 f"{self.name}: budget={self.budget} is smaller than the {self.min_budget()} tokens it always keeps "
-                f"({self.promised()}); use a budget above {self.min_budget()}"
+                f"({self.promised()}); use a budget of at least {self.min_budget()}"
             )
 
     def min_budget(self) -> int:

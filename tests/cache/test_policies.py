@@ -175,6 +175,22 @@ def test_bad_policies_are_one_line_errors(call, message: str) -> None:
         call()
 
 
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("streamingllm", {}), ("snapkv", {}), ("h2o", {}), ("tokenselect", {}), ("infinipot", {}),
+     ("locret", {"stabilizers": 5})],
+)  # fmt: skip
+def test_the_budget_a_too_small_budget_error_names_is_accepted(name: str, params: dict) -> None:
+    """The error names the smallest budget that works: that budget is accepted, one less is not."""
+    with pytest.raises(ValueError, match="use a budget of at least") as err:
+        make_policy(name, 1, **params)
+    smallest = int(str(err.value).rsplit(" ", 1)[-1])
+    assert make_policy(name, smallest, **params).budget == smallest
+    if smallest > 1:
+        with pytest.raises(ValueError, match=f"budget={smallest - 1} is smaller"):
+            make_policy(name, smallest - 1, **params)
+
+
 def test_policies_from_specs_get_their_tokenized_text() -> None:
     class Tokenizer:
         def encode(self, text: str, add_special: bool = True) -> list[int]:
