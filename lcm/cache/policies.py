@@ -11,8 +11,9 @@ questions for the generation loop (:class:`lcm.generate.Engine`):
    the others compress once, after the whole prompt (SnapKV needs the full prefill, as its paper says).
 2. **What an attention step reads.** Everything kept, for eviction policies: they select at prefill and the cache
    then grows by the generated tokens (as kvpress does: the budget is the prompt's cache). A selection policy
-   (TokenSelect, ``evicts = False``) keeps every entry and gives the model an :meth:`KVPolicy.attention_rule`:
-   each layer, at every prefill chunk and decode step, attends to the ``budget`` entries the rule picks.
+   (TokenSelect, ``evicts = False``) keeps every entry and gives each layer an ``attend`` hook
+   (:meth:`KVPolicy.layer_hooks`, :mod:`lcm.cache.hooks`): at every prefill chunk and decode step the layer attends
+   to the ``budget`` entries its rule picks.
 3. **Which positions the kept entries get.** ``renumber=False``: keys are stored rotated at their original
    positions and queries keep counting from the prompt length (H2O, SnapKV, kvpress's convention).
    ``renumber=True``: keys are stored before RoPE and every entry's position is its slot, so kept entries are
