@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcm.cache.kv import KVCache, LayerCache, record_novelty, token_novelty
+from lcm.cache.kv import KVCache, LayerCache, record_novelty, token_novelty, with_scores
 from lcm.cache.policies import KVPolicy, compress
 from lcm.models.llama import Llama
 
@@ -87,7 +87,7 @@ def probe_chunk(
     only observers; its own entries are dropped again (``length`` set back, so they count as empty and the next
     chunk overwrites them). Each layer's ``scores`` is then the attention each cached key receives from the probe."""
     lengths = [layer.length for layer in cache.layers]
-    cache = cache.replace_layers(scores=[jnp.zeros(layer.keys.shape[:3], jnp.float32) for layer in cache.layers])
+    cache = dataclasses.replace(cache, layers=tuple(with_scores(layer) for layer in cache.layers))
     observers_BxP = jnp.ones(tokens_BxP.shape, bool)
     num_valid = jnp.int32(tokens_BxP.shape[1])
     _, _, cache = run_chunk(graphdef, params, tokens_BxP, positions_BxP, num_valid, rope_seq_len, cache, observers_BxP)

@@ -72,9 +72,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from lcm.cache.hooks import AttentionMass
 from lcm.cache.kv import LayerCache
-from lcm.cache.policies import KVPolicy, with_scores
+from lcm.cache.policies import KVPolicy
 
 CATALYST_TEXT = "Summarize the previous context highlighting the most important parts."  # the paper's CaP
 
@@ -117,13 +116,10 @@ class InfiniPot(KVPolicy):
                 raise ValueError(f"infinipot: catalyst_ids={ids!r} must be non-negative integer token ids")
         super().__post_init__()
 
-    def layer_hooks(self) -> AttentionMass:
-        """CaP: the catalyst's attention to each entry (the probe chunk's queries are the only observers)."""
-        return AttentionMass()
-
     def init_layer(self, layer: LayerCache, num_heads: int, head_dim: int) -> LayerCache:
-        """CaP scores and each entry's NuC, per layer and KV head."""
-        layer = with_scores(layer)
+        """CaP scores (``needs_scores``: the catalyst's attention, recorded by the attention-mass hook while the
+        probe chunk's queries are the only observers) and each entry's NuC, per layer and KV head."""
+        layer = super().init_layer(layer, num_heads, head_dim)
         return dataclasses.replace(layer, token_nll=jnp.zeros_like(layer.scores))
 
     def nuc_slots(self) -> int:

@@ -109,6 +109,11 @@ class KVCache:
         )
 
 
+def with_scores(layer: LayerCache) -> LayerCache:
+    """``layer`` with zeroed per-entry ``scores [B, K, S]`` (attention mass, or retaining-head scores)."""
+    return dataclasses.replace(layer, scores=jnp.zeros(layer.keys.shape[:3], jnp.float32))
+
+
 def init_layer(
     batch: int, capacity: int, num_kv_heads: int, head_dim: int, dtype: jnp.dtype = jnp.float32
 ) -> LayerCache:

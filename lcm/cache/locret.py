@@ -52,8 +52,8 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from lcm.cache.hooks import LayerHooks, LayerView
-from lcm.cache.kv import LayerCache
-from lcm.cache.policies import KVPolicy, with_scores
+from lcm.cache.kv import LayerCache, with_scores
+from lcm.cache.policies import KVPolicy
 
 STABILIZER_SHARE = 0.15  # default n_s as a share of the budget: 2500 / 16384, the paper's Llama-3.1-8B setting
 

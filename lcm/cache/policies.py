@@ -45,7 +45,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from lcm.cache.hooks import AttentionMass, LayerHooks, LayerView
-from lcm.cache.kv import KVCache, LayerCache
+from lcm.cache.kv import KVCache, LayerCache, with_scores
 from lcm.kernels.token_select import api as token_select_api
 from lcm.ops.token_select import (
     DEFAULT_N_INIT,
@@ -94,14 +94,16 @@ class KVPolicy:
 
     def init_layer(self, layer: LayerCache, num_heads: int, head_dim: int) -> LayerCache:
         """One layer's empty state with what this policy keeps beside the entries (its statistics, a selection
-        cache); the model's ``num_heads`` and ``head_dim`` for state shaped by the queries. The full cache: none."""
+        cache); the model's ``num_heads`` and ``head_dim`` for state shaped by the queries. By default the
+        ``scores`` that ``needs_scores`` asks for, else nothing."""
         del num_heads, head_dim
-        return layer
+        return with_scores(layer) if self.needs_scores else layer
 
     def layer_hooks(self) -> LayerHooks | None:
         """What the policy does inside each layer (:mod:`lcm.cache.hooks`): records a statistic, selects what a
-        step attends to; ``None``: nothing (the layer attends to every entry it holds)."""
-        return None
+        step attends to. By default the attention mass that ``needs_scores`` asks for, else ``None``: nothing (the
+        layer attends to every entry it holds)."""
+        return AttentionMass() if self.needs_scores else None
 
     def check_model(self, model: Any) -> None:
         """Raise a one-line ``ValueError`` if ``model`` lacks what the policy needs (Locret: retaining heads)."""
@@ -142,11 +144,6 @@ class KVPolicy:
         tokens fed so far (its last ``length`` … are the newest slots)."""
         slots = jnp.arange(scores.shape[-1])
         return jnp.broadcast_to(jnp.where(slots < length, 0.0, -jnp.inf), scores.shape)
-
-
-def with_scores(layer: LayerCache) -> LayerCache:
-    """``layer`` with zeroed per-entry ``scores [B, K, S]`` (attention mass, or retaining-head scores)."""
-    return dataclasses.replace(layer, scores=jnp.zeros(layer.keys.shape[:3], jnp.float32))
 
 
 def _filled(scores: jax.Array, length: jax.Array) -> jax.Array:
@@ -192,12 +189,6 @@ class H2O(KVPolicy):
     streaming: ClassVar[bool] = True
     needs_scores: ClassVar[bool] = True
 
-    def init_layer(self, layer: LayerCache, num_heads: int, head_dim: int) -> LayerCache:
-        return with_scores(layer)
-
-    def layer_hooks(self) -> LayerHooks:
-        return AttentionMass()
-
     @property
     def recent_tokens(self) -> int:
         return self.budget // 2 if self.recent < 0 else self.recent
@@ -232,12 +223,6 @@ class SnapKV(KVPolicy):
 
     name: ClassVar[str] = "snapkv"
     needs_scores: ClassVar[bool] = True
-
-    def init_layer(self, layer: LayerCache, num_heads: int, head_dim: int) -> LayerCache:
-        return with_scores(layer)
-
-    def layer_hooks(self) -> LayerHooks:
-        return AttentionMass()
 
     def __post_init__(self) -> None:
         if self.kernel < 1 or self.kernel % 2 == 0:

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from lcm.cache.hooks import AttentionMass, LayerHooks, LayerView
-from lcm.cache.kv import LayerCache
-from lcm.cache.policies import KVPolicy, TokenSelect, with_scores
+from lcm.cache.kv import LayerCache, with_scores
+from lcm.cache.policies import KVPolicy, TokenSelect
 from lcm.generate import Engine
 from lcm.models.llama import Llama
 from lcm.ops import masks
@@ -75,6 +75,29 @@ def test_a_policy_defined_outside_keeps_what_its_hooks_record(model: Llama) -> N
             np.testing.assert_allclose(
                 np.asarray(layer.scores[0, head, :budget]), norms[head, want], rtol=1e-5, err_msg=f"layer {index}"
             )
+
+
+def test_a_policy_that_needs_scores_gets_them_and_the_attention_mass_hook(model: Llama) -> None:
+    """``needs_scores = True`` is all a policy ranking by attention mass declares: the Engine's cache then holds
+    zeroed scores in every layer, and its layers add the mass of the policy's observers (here every query)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Watched(KVPolicy):
+        name: typing.ClassVar[str] = "watched_test"
+        needs_scores: typing.ClassVar[bool] = True
+
+        def observers(self, positions: np.ndarray, prompt_length: int) -> np.ndarray:
+            return np.ones(positions.shape, bool)
+
+    policy = Watched(budget=64)
+    assert policy.layer_hooks() == AttentionMass() and KVPolicy().layer_hooks() is None
+    engine = Engine(model, chunk_size=8, policy=policy)
+    cache = engine.new_cache(1, 16)
+    assert all(float(jnp.abs(layer.scores).sum()) == 0.0 for layer in cache.layers)
+    _, cache = engine.prefill(np.zeros((1, 12), np.int32), cache)
+    group = model.config.num_heads // model.config.num_kv_heads
+    for layer in cache.layers:  # each of the 12 queries spreads probability 1 per query head over its keys
+        np.testing.assert_allclose(np.asarray(layer.scores).sum(-1), 12 * group, rtol=1e-5)
 
 
 def test_attention_mass_hook_adds_the_dense_reference_for_observers_only() -> None:

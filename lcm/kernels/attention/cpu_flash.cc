@@ -11,7 +11,8 @@
 // query at q >= kv_start[b] sees no key below kv_start[b] (padding queries see only padding keys, which the causal
 // rule already gives). A row that sees no key gets zeros.
 //
-// Layouts (float32): q [B, T, H, D], k and v one layer's heads-first cache [B, K, S, D], out [B, T, H, D]. AVX2 + FMA intrinsics; built with -march=native on first use.
+// Layouts (float32): q [B, T, H, D], k and v one layer's heads-first cache [B, K, S, D], out [B, T, H, D].
+// AVX2 + FMA intrinsics; built with -march=native on first use.
 
 #include <algorithm>
 #include <atomic>
