@@ -26,7 +26,7 @@ from flax import nnx
 
 from lcm import steps
 from lcm.cache.kv import KVCache
-from lcm.cache.policies import KVPolicy
+from lcm.cache.policies import ChunkDone, KVPolicy
 from lcm.models.llama import Llama
 
 
@@ -39,11 +39,12 @@ class Engine:
     """A model ready for inference: split once, jitted functions cached per shape.
 
     ``chunk_size`` is the prefill chunk (and the granularity of cache capacities); ``keys_pre_rope`` stores
-    keys unrotated in the cache. ``policy`` (:mod:`lcm.cache.policies`) decides what the cache keeps: after each
-    prefill chunk (streaming policies) or after the prompt, the cache is compacted to ``policy.budget`` entries
-    per layer and KV head; a policy that renumbers positions stores keys pre-RoPE and numbers entries by slot.
-    A policy may ask for a probe chunk before each compression (:meth:`KVPolicy.probe_tokens`, InfiniPot's
-    catalyst prompt) and for every entry's token NLL (``needs_nll``, InfiniPot's NuC).
+    keys unrotated in the cache. ``policy`` (:mod:`lcm.cache.policies`) decides what the cache keeps, through
+    hooks the Engine calls and never branches around: each layer's state and in-layer hooks
+    (:meth:`KVPolicy.init_layer`, :meth:`KVPolicy.layer_hooks`), the slots a prompt needs
+    (:meth:`KVPolicy.prompt_capacity`), the positions entries get (:meth:`KVPolicy.first_position`), what happens
+    after each prefill chunk (:meth:`KVPolicy.after_chunk`: compress, probe). After the prompt every layer's
+    buffer is cut to what it holds plus the tokens to generate.
 
     ``reuse_prefix``: :meth:`generate` keeps its final cache, and a next prompt of the same shape that begins with
     the same whole chunks (the passkey trials of one length share everything before their needles) starts its
@@ -66,11 +67,11 @@ class Engine:
         if self.decode_block <= 0:
             raise ValueError(f"decode_block={self.decode_block} must be positive")
         limit = self.policy.max_prefill_chunk()
-        if limit is not None:  # TokenSelect: a chunk must fit in its local window
+        if limit is not None:  # the policy caps the chunk (a local window)
             self.chunk_size = min(self.chunk_size, limit)
         self.graphdef, self.params = nnx.split(self.model)
         self.config = self.model.config
-        self.keys_pre_rope = self.keys_pre_rope or self.policy.renumber
+        self.keys_pre_rope = self.policy.stores_keys_pre_rope(self.keys_pre_rope)
         self.policy.check_model(self.model)
         # what the last generate() measured: its prompt cache at its largest, prefill and decode wall time
         self.last_cache_bytes, self.last_decode_steps = 0, 0
@@ -79,15 +80,9 @@ class Engine:
         self._previous: tuple[np.ndarray, KVCache] | None = None  # (prompt, final cache) kept by reuse_prefix
 
     def prompt_capacity(self, length: int) -> int:
-        """Cache slots the prefill of ``length`` tokens needs under the policy (before any generated token): a
-        streaming policy holds at most its budget plus one chunk, whatever the prompt's length, plus room for
-        the transient entries of its probe chunk if it has one."""
-        policy = self.policy
-        if not (policy.bounded and policy.evicts and length > policy.budget):
-            return length
-        probe = len(policy.probe_tokens())
-        tail = max(self.chunk_size, _round_up(policy.tail_tokens(), self.chunk_size))  # the last chunk or tail
-        return (policy.budget + tail if policy.streaming else length) + probe
+        """Cache slots the prefill of ``length`` tokens needs under the policy, before any generated token
+        (:meth:`KVPolicy.prompt_capacity`: a streaming policy's is bounded whatever the prompt's length)."""
+        return self.policy.prompt_capacity(length, self.chunk_size)
 
     def _check_tokens(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -128,21 +123,22 @@ class Engine:
         chunk[:, :n] = rows[:, start : start + n]
         return chunk
 
-    def _positions(self, cache: KVCache, start: int) -> np.ndarray:
-        """RoPE positions of one chunk's slots: the slot itself, or its distance from the row's first real slot."""
-        batch = cache.batch
-        slots = np.broadcast_to(np.arange(start, start + self.chunk_size, dtype=np.int32), (batch, self.chunk_size))
+    def _positions(self, cache: KVCache, first: int, size: int) -> np.ndarray:
+        """RoPE positions ``[B, size]`` of tokens from position ``first`` on, less each row's left padding (clipped
+        at 0: a padding slot takes position 0)."""
+        positions = np.broadcast_to(np.arange(first, first + size, dtype=np.int32), (cache.batch, size))
         if cache.starts is None:
-            return slots
-        return np.maximum(slots - np.asarray(cache.starts)[:, None], 0)
+            return positions
+        return np.maximum(positions - np.asarray(cache.starts)[:, None], 0)
 
     def prefill(self, tokens: np.ndarray, cache: KVCache, start: int = 0) -> tuple[jax.Array, KVCache]:
         """Feed ``tokens [B, T]`` (positions ``0…T-1``) chunk by chunk; logits ``[B, V]`` at the last one.
 
-        Under a bounded policy the cache is compacted to ``policy.budget`` entries after every chunk (streaming
-        policies) or after the last; queries keep their absolute positions, or take their slot when the policy
-        renumbers. ``start`` (a multiple of ``chunk_size``, full-cache policy only) skips the chunks before it:
-        ``cache`` must already hold the first ``start`` tokens, as a cache of the same prompt (prefix) does.
+        After each chunk the policy decides what happens to the cache (:meth:`KVPolicy.after_chunk`: a bounded
+        policy compresses it to its budget after every chunk or after the last); tokens take the positions the
+        policy gives them (:meth:`KVPolicy.first_position`). ``start`` (a multiple of ``chunk_size``, a policy that
+        keeps everything) skips the chunks before it: ``cache`` must already hold the first ``start`` tokens, as a
+        cache of the same prompt (prefix) does.
         """
         tokens = self._check_tokens(tokens)
         batch, length = tokens.shape
@@ -155,38 +151,29 @@ class Engine:
         if start and int(cache.length) != start:
             raise ValueError(f"prefill start={start} needs a cache holding exactly {start} tokens, got {cache.length}")
         needed = _round_up(self.prompt_capacity(length), self.chunk_size)
-        if needed > cache.capacity:
+        if needed > min(cache.capacities):
             raise ValueError(
                 f"a prompt of {length} tokens in chunks of {self.chunk_size} needs a cache capacity of at least "
-                f"{needed}, got {cache.capacity} (use Engine.new_cache)"
+                f"{needed}, got {min(cache.capacities)} (use Engine.new_cache)"
             )
-        if policy.bounded and cache.starts is not None:
+        if cache.starts is not None and not policy.accepts_padded_rows():
             raise ValueError(f"KV policy {policy.name!r} works on unpadded rows; batch prompts of equal length")
-        # one scale for the whole prompt, as a single transformers forward; renumbered positions stay in the cache
-        rope_seq_len = jnp.int32(min(length, needed) if policy.renumber else length)
-        if policy.attention_rule() is not None:  # positions never exceed what a step attends to
-            rope_seq_len = jnp.int32(min(length, policy.budget))
+        # one scale for the whole prompt, as a single transformers forward (a policy may bound it)
+        rope_seq_len = jnp.int32(policy.rope_length(length, needed))
+        ops = _PrefillOps(self, rope_seq_len)
         filled = int(cache.length)
-        logits = None
-        # the prediction of each chunk's first token (NuC); uniform for the first token of the prompt
-        previous = (
-            None if cache.layers[0].token_nll is None else jnp.zeros((batch, self.config.vocab_size), jnp.float32)
-        )
-        # the last `tail` prompt tokens are fed after the last compression and never evicted (Locret's n_loc)
-        evict_end = length - min(policy.tail_tokens(), length) if policy.bounded else length
+        logits = np.zeros((batch, self.config.vocab_size), np.float32)  # what "predicts" the first chunk's first token
+        evict_end = policy.evictable(length)  # the tokens after it are fed after the last compression
         skip = start
         for start, n in self._chunks(length, evict_end):
             if start < skip:  # already in the cache (reuse_prefix)
                 continue
             chunk = self._pad(tokens, start, n)
-            if policy.renumber:
-                positions = np.broadcast_to(np.arange(filled, filled + self.chunk_size, dtype=np.int32), chunk.shape)
-            else:
-                positions = self._positions(cache, start)
+            positions = self._positions(cache, policy.first_position(start, filled), self.chunk_size)
             observers = None  # the queries the policy's layer hooks record from
             watch = policy.observers(np.arange(start, start + self.chunk_size), length)
             watch = watch & (np.arange(self.chunk_size) < n)  # not in place: the policy's array
-            if watch.any():  # else the chunk records nothing: skip it (SnapKV: all chunks but the window's)
+            if watch.any():  # else the chunk records nothing: skip it
                 observers = jnp.asarray(np.broadcast_to(watch, chunk.shape))
             logits, cache = steps.prefill_chunk(
                 self.graphdef,
@@ -197,27 +184,12 @@ class Engine:
                 rope_seq_len,
                 cache,
                 observers,
-                previous,
+                logits,
             )
-            previous = None if previous is None else logits
-            filled += n
-            last = start + n == evict_end  # the last chunk before the never-evicted tail (if any)
-            after_chunk = policy.streaming and (not last or policy.compress_last_chunk)
-            compresses = policy.bounded and policy.evicts and filled > policy.budget and start + n <= evict_end
-            if compresses and (after_chunk or last and not policy.streaming):
-                if policy.probe_tokens():
-                    cache = self._probe(cache, filled, start + n, rope_seq_len)
-                cache = steps.compress_cache(policy, cache, jnp.int32(start + n), last)
-                filled = policy.budget
+            seen = start + n
+            done = ChunkDone(filled + n, seen, seen == evict_end, seen > evict_end, len(cache.layers))
+            cache, filled = policy.after_chunk(cache, done, ops)
         return logits, cache
-
-    def _probe(self, cache: KVCache, filled: int, prompt_seen: int, rope_seq_len: jax.Array) -> KVCache:
-        """The policy's probe chunk after the ``filled`` slots, at the positions the next token would take."""
-        ids = np.asarray(self.policy.probe_tokens(), np.int32)
-        tokens = self._check_tokens(np.broadcast_to(ids, (cache.batch, ids.size)))
-        first = filled if self.policy.renumber else prompt_seen
-        positions = np.broadcast_to(np.arange(first, first + ids.size, dtype=np.int32), tokens.shape)
-        return steps.probe_chunk(self.graphdef, self.params, tokens, positions, rope_seq_len, cache)
 
     def generate(self, tokens: np.ndarray, max_new_tokens: int, stop_ids: Sequence[int] = ()) -> np.ndarray:
         """Greedy continuation ``[B, <= max_new_tokens]`` of equal-length prompts ``[B, T]``.
@@ -248,13 +220,13 @@ class Engine:
         jax.block_until_ready(logits)
         self.last_prefill_seconds = time.perf_counter() - started
         self.last_cache_bytes = cache.num_bytes  # the prompt's cache at its largest, for memory reports
-        filled = int(cache.length)
-        if self.policy.bounded and self.policy.evicts:  # after eviction `filled` slots hold entries: shrink
-            capacity = _round_up(filled + max_new_tokens, self.chunk_size)
-            if capacity < cache.capacity:
-                cache = steps.shrink_cache(cache, capacity)
+        filled = [int(n) for n in jax.device_get([layer.length for layer in cache.layers])]
+        # each layer's buffer cut to what it holds plus the new tokens (after eviction the rest is empty)
+        capacities = tuple(_round_up(n + max_new_tokens, self.chunk_size) for n in filled)
+        if capacities != cache.capacities:
+            cache = steps.shrink_cache(cache, tuple(map(min, capacities, cache.capacities)))
         first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        position = filled if self.policy.renumber else length
+        position = self.policy.first_position(length, filled[0])
         started = time.perf_counter()
         out, cache = self.decode(first, position, cache, max_new_tokens, stop_ids)
         self.last_decode_seconds, self.last_decode_steps = time.perf_counter() - started, out.shape[1] - 1
@@ -264,10 +236,8 @@ class Engine:
 
     def _reusable(self, starts: np.ndarray | jax.Array | None) -> bool:
         """Whether a cache's prefix can serve another prompt: unpadded rows, a policy that keeps every entry as
-        computed (no eviction, no scores, no per-step selection)."""
-        policy = self.policy
-        plain = not (policy.bounded or policy.renumber) and policy.layer_hooks() is None
-        return starts is None and plain
+        computed (:meth:`KVPolicy.keeps_everything`)."""
+        return starts is None and self.policy.keeps_everything()
 
     def _shared_chunks(self, previous: tuple[np.ndarray, KVCache] | None, tokens: np.ndarray, capacity: int) -> int:
         """Prompt tokens that ``previous`` (prompt, cache) already holds for ``tokens``: its whole chunks in common,
@@ -343,12 +313,13 @@ class Engine:
         transfer per block, not per token. Decoding stops once every row has produced a token in ``stop_ids``.
         """
         batch = first.shape[0]
-        slot = int(cache.length)
-        if slot + max_new_tokens - 1 > cache.capacity:
-            raise ValueError(
-                f"decoding {max_new_tokens} tokens after {slot} cached ones needs a cache capacity of at least "
-                f"{slot + max_new_tokens - 1}, got {cache.capacity}"
-            )
+        slots = jax.device_get([layer.length for layer in cache.layers])
+        for index, (slot, capacity) in enumerate(zip(slots, cache.capacities, strict=True)):
+            if slot + max_new_tokens - 1 > capacity:
+                raise ValueError(
+                    f"decoding {max_new_tokens} tokens after {slot} cached ones needs a cache capacity of at least "
+                    f"{slot + max_new_tokens - 1}, got {capacity} (layer {index})"
+                )
         # host-side bookkeeping in numpy: an eager jnp op would compile a small program of its own
         stops = np.asarray(list(stop_ids), np.int32).reshape(-1)
         token = np.asarray(first)
@@ -384,7 +355,7 @@ class Engine:
         batch, length = tokens.shape
         if length < 2:
             raise ValueError(f"need at least 2 tokens for a next-token NLL, got {length}")
-        if self.policy.bounded:
+        if not self.policy.keeps_everything():
             raise ValueError(f"token_nlls runs the full cache; got KV policy {self.policy.name!r} (use policy=full)")
         cache = self.new_cache(batch, length)
         rope_seq_len = jnp.int32(length)
@@ -392,7 +363,7 @@ class Engine:
         nlls = []
         for start, n in self._chunks(length):
             chunk, targets = self._pad(tokens, start, n), self._pad(targets_all, start, n)
-            positions = self._positions(cache, start)
+            positions = self._positions(cache, start, self.chunk_size)
             nll, cache = steps.nll_chunk(
                 self.graphdef, self.params, chunk, targets, positions, jnp.int32(n), rope_seq_len, cache
             )
@@ -407,3 +378,21 @@ class Engine:
             policy=self.policy,
             decode_block=self.decode_block,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _PrefillOps:
+    """The jitted programs a policy's :meth:`KVPolicy.after_chunk` runs (:class:`lcm.cache.policies.CacheOps`)."""
+
+    engine: Engine
+    rope_seq_len: jax.Array
+
+    def compress(self, policy: KVPolicy, cache: KVCache, prompt_seen: int, final: bool) -> KVCache:
+        return steps.compress_cache(policy, cache, jnp.int32(prompt_seen), final)
+
+    def probe(self, cache: KVCache, tokens: tuple[int, ...], first_position: int) -> KVCache:
+        engine = self.engine
+        ids = np.asarray(tokens, np.int32)
+        rows = engine._check_tokens(np.broadcast_to(ids, (cache.batch, ids.size)))
+        positions = engine._positions(cache, first_position, ids.size)
+        return steps.probe_chunk(engine.graphdef, engine.params, rows, positions, self.rope_seq_len, cache)

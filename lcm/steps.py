@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcm.cache.kv import KVCache, LayerCache, record_novelty, token_novelty, with_scores
+from lcm.cache.hooks import LayerHooks
+from lcm.cache.kv import KVCache, LayerCache, with_scores
 from lcm.cache.policies import KVPolicy, compress
 from lcm.models.llama import Llama
 
@@ -55,23 +56,19 @@ def prefill_chunk(
     num_valid: jax.Array,
     rope_seq_len: jax.Array,
     cache: KVCache,
-    observers_BxC: jax.Array | None = None,
-    previous_logits_BxV: jax.Array | None = None,
+    observers_BxC: jax.Array | None,
+    previous_logits_BxV: jax.Array,
 ) -> tuple[jax.Array, KVCache]:
-    """One prefill chunk written after the cache's filled slots; logits ``[B, V]`` at its last real token. With
-    a ``token_nll`` in the layers (InfiniPot's NuC) every position's logits are computed to record each token's novelty,
-    ``previous_logits_BxV`` predicting the chunk's first token."""
+    """One prefill chunk written after the cache's filled slots; logits ``[B, V]`` at its last real token. The
+    policy's hooks (``cache.hooks``) record what they need from the chunk's layers and, after the last layer,
+    from the model's predictions (:meth:`lcm.cache.hooks.LayerHooks.chunk_logits`; ``previous_logits_BxV`` are
+    the previous chunk's, zeros before the first)."""
     start = cache.length
     model, hidden_BxCxD, cache = run_chunk(
         graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache, observers_BxC
     )
-    if cache.layers[0].token_nll is None:
-        last_BxD = jax.lax.dynamic_index_in_dim(hidden_BxCxD, num_valid - 1, axis=1, keepdims=False)
-        return model.logits(last_BxD), cache
-    # a policy ranks entries by their token's NLL (InfiniPot's NuC): every position's logits are needed
-    logits_BxCxV = model.logits(hidden_BxCxD)
-    cache = record_novelty(cache, start, token_novelty(tokens_BxC, logits_BxCxV, previous_logits_BxV))
-    return jax.lax.dynamic_index_in_dim(logits_BxCxV, num_valid - 1, axis=1, keepdims=False), cache
+    hooks = cache.hooks if cache.hooks is not None else LayerHooks()
+    return hooks.chunk_logits(model, cache, start, tokens_BxC, hidden_BxCxD, num_valid, previous_logits_BxV)
 
 
 @_jit(static_argnums=(0,), donate_argnames=("cache",))
@@ -83,7 +80,7 @@ def probe_chunk(
     rope_seq_len: jax.Array,
     cache: KVCache,
 ) -> KVCache:
-    """A policy's probe (InfiniPot's catalyst prompt) fed after the filled slots on zeroed scores, its queries the
+    """A policy's probe chunk (e.g. a catalyst prompt) fed after the filled slots on zeroed scores, its queries the
     only observers; its own entries are dropped again (``length`` set back, so they count as empty and the next
     chunk overwrites them). Each layer's ``scores`` is then the attention each cached key receives from the probe."""
     lengths = [layer.length for layer in cache.layers]
@@ -120,10 +117,10 @@ def compress_cache(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array, fin
 
 
 @_jit(static_argnums=(1,))
-def shrink_cache(cache: KVCache, capacity: int) -> KVCache:
-    """The first ``capacity`` slots of every layer's buffers (after eviction the rest is empty)."""
+def shrink_cache(cache: KVCache, capacities: tuple[int, ...]) -> KVCache:
+    """The first ``capacities[i]`` slots of layer ``i``'s buffers (after eviction the rest is empty)."""
 
-    def cut(layer: LayerCache) -> LayerCache:
+    def cut(layer: LayerCache, capacity: int) -> LayerCache:
         def first(x: jax.Array | None, axis: int) -> jax.Array | None:
             return None if x is None else jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
 
@@ -136,7 +133,9 @@ def shrink_cache(cache: KVCache, capacity: int) -> KVCache:
             positions=first(layer.positions, 1),
         )
 
-    return dataclasses.replace(cache, layers=tuple(cut(layer) for layer in cache.layers))
+    if len(capacities) != len(cache.layers):
+        raise ValueError(f"shrink_cache: {len(capacities)} capacities for {len(cache.layers)} layers")
+    return dataclasses.replace(cache, layers=tuple(cut(*pair) for pair in zip(cache.layers, capacities, strict=True)))
 
 
 @_jit(static_argnums=(0,), donate_argnames=("cache",))

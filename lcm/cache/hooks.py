@@ -9,6 +9,9 @@ every layer, every prefill chunk and decode step:
   (H2O, SnapKV, InfiniPot's catalyst), a trained head's score of each new entry (Locret), ...
 - **What does a step attend to?** :meth:`LayerHooks.attend`: everything the layer holds (the default), or a
   selection of it (TokenSelect), updating whatever the selection keeps between steps.
+- **What does the model record from its predictions?** :meth:`LayerHooks.chunk_logits`, once per prefill chunk
+  after the last layer: the logits the Engine needs, and whatever the policy keeps of the model's predictions
+  (InfiniPot's per-token NLL).
 
 Both see the layer's computation of the chunk through a :class:`LayerView`. The budget-free part of a policy lives
 here (one object for every budget, so a budget sweep reuses the compiled prefill), what depends on the budget in
@@ -24,7 +27,7 @@ from typing import Any, ClassVar
 import jax
 from jaxtyping import Array, Bool, Float, Int
 
-from lcm.cache.kv import LayerCache
+from lcm.cache.kv import KVCache, LayerCache
 from lcm.ops.kv_scores import attention_mass
 from lcm.ops.masks import Mask
 
@@ -73,6 +76,24 @@ class LayerHooks:
         """The chunk's attention output and the state: ``attend_all()`` attends to every filled entry."""
         del view
         return attend_all(), state
+
+    def chunk_logits(
+        self,
+        model: Any,
+        cache: KVCache,
+        start: Int[Array, ""],
+        tokens_BxC: Int[Array, "B C"],
+        hidden_BxCxD: Float[Array, "B C D"],
+        num_valid: Int[Array, ""],
+        previous_logits_BxV: Float[Array, "B V"],
+    ) -> tuple[Float[Array, "B V"], KVCache]:
+        """After a prefill chunk's last layer (``start`` its first slot, ``num_valid`` its real tokens): the logits
+        at its last real token, and the cache with whatever the policy records from the model's predictions.
+        ``model.logits`` maps hidden states to logits; ``previous_logits_BxV`` are the previous chunk's (zeros
+        before the first)."""
+        del start, tokens_BxC, previous_logits_BxV
+        last_BxD = jax.lax.dynamic_index_in_dim(hidden_BxCxD, num_valid - 1, axis=1, keepdims=False)
+        return model.logits(last_BxD), cache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,8 +26,9 @@ How it maps onto :mod:`lcm.cache.policies` and :class:`lcm.generate.Engine`:
   with each layer's ``scores`` zeroed and the catalyst's queries the only observers, then sets each layer's
   ``length`` back (``lcm.steps.probe_chunk``); each layer's ``scores`` then holds the catalyst's attention to
   every cached key.
-- NuC: each layer's ``token_nll`` holds each entry's NLL, written by the Engine when its chunk is fed
-  (:func:`lcm.cache.kv.record_novelty`) and moved with the entry by ``compress``.
+- NuC: each layer's ``token_nll`` holds each entry's NLL, written when its chunk is fed (the
+  :meth:`~lcm.cache.hooks.LayerHooks.chunk_logits` hook of :class:`CatalystAndNovelty`, :func:`record_novelty`)
+  and moved with the entry by ``compress``.
 - The combination is a priority (NuC picks ``+inf``, the rest their CaP score), so ``compress`` stays the one
   place that gathers.
 
@@ -68,16 +69,64 @@ import dataclasses
 import math
 from typing import Any, ClassVar
 
+import chex
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
-from lcm.cache.kv import LayerCache
+from lcm.cache.hooks import AttentionMass
+from lcm.cache.kv import KVCache, LayerCache
 from lcm.cache.policies import KVPolicy
 
 CATALYST_TEXT = "Summarize the previous context highlighting the most important parts."  # the paper's CaP
 
 _EPS = 1e-9  # alpha * budget in float: 0.3 * 10 must give 3 slots, not 2
+
+
+def token_novelty(
+    tokens: Int[Array, "B C"], logits: Float[Array, "B C V"], previous_logits: Float[Array, "B V"]
+) -> Float[Array, "B C"]:
+    """NuC of a chunk's tokens: ``-log p(x_t | pot, x_<t)`` from the logits at ``t - 1``; the first token's
+    prediction is ``previous_logits`` (the previous chunk's last position; zeros = uniform for the input's
+    first token)."""
+    chex.assert_shape(logits, (*tokens.shape, None))
+    chex.assert_shape(previous_logits, (tokens.shape[0], logits.shape[-1]))
+    predicting_BxCxV = jnp.concatenate([previous_logits[:, None], logits[:, :-1]], axis=1)
+    logprobs = jax.nn.log_softmax(predicting_BxCxV.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]
+
+
+def record_novelty(cache: KVCache, start: Int[Array, ""], nll: Float[Array, "B C"]) -> KVCache:
+    """Write a chunk's NuC into every layer's ``token_nll`` at slots ``start…start+C`` of every KV head."""
+    batch, num_kv_heads = cache.batch, cache.layers[0].keys.shape[1]
+    chex.assert_shape(nll, (batch, None))
+    block = jnp.broadcast_to(nll[:, None, :], (batch, num_kv_heads, nll.shape[1]))
+    zero = jnp.zeros((), jnp.int32)
+    index = (zero, zero, jnp.asarray(start, jnp.int32))
+    return cache.replace_layers(
+        token_nll=[jax.lax.dynamic_update_slice(layer.token_nll, block, index) for layer in cache.layers]
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalystAndNovelty(AttentionMass):
+    """InfiniPot's two records: the catalyst's attention to every entry (CaP, :class:`AttentionMass` while the
+    probe chunk's queries are the only observers) and every token's NLL as its chunk is fed (NuC: every position's
+    logits are computed, the previous chunk's last predicting the first)."""
+
+    def chunk_logits(
+        self,
+        model: Any,
+        cache: KVCache,
+        start: Int[Array, ""],
+        tokens_BxC: Int[Array, "B C"],
+        hidden_BxCxD: Float[Array, "B C D"],
+        num_valid: Int[Array, ""],
+        previous_logits_BxV: Float[Array, "B V"],
+    ) -> tuple[Float[Array, "B V"], KVCache]:
+        logits_BxCxV = model.logits(hidden_BxCxD)
+        cache = record_novelty(cache, start, token_novelty(tokens_BxC, logits_BxCxV, previous_logits_BxV))
+        return jax.lax.dynamic_index_in_dim(logits_BxCxV, num_valid - 1, axis=1, keepdims=False), cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +146,6 @@ class InfiniPot(KVPolicy):
     streaming: ClassVar[bool] = True
     renumber: ClassVar[bool] = True
     needs_scores: ClassVar[bool] = True
-    needs_nll: ClassVar[bool] = True
     compress_last_chunk: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -121,6 +169,12 @@ class InfiniPot(KVPolicy):
         probe chunk's queries are the only observers) and each entry's NuC, per layer and KV head."""
         layer = super().init_layer(layer, num_heads, head_dim)
         return dataclasses.replace(layer, token_nll=jnp.zeros_like(layer.scores))
+
+    def layer_hooks(self) -> CatalystAndNovelty:
+        return CatalystAndNovelty()
+
+    def rank(self, layer: LayerCache, prompt_seen: jax.Array, final: bool) -> Float[Array, "B K S"]:
+        return self.priority(layer.scores, layer.length, prompt_seen, token_nll=layer.token_nll)
 
     def nuc_slots(self) -> int:
         """Slots per layer and head given to the highest-NuC tokens: ``alpha * budget``, rounded down."""

@@ -27,10 +27,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
 
 from lcm.ops.token_select import SelectionCache
 
@@ -156,31 +154,3 @@ def write_layer(
     cache_keys = jax.lax.dynamic_update_slice(cache_keys, k.swapaxes(1, 2).astype(cache_keys.dtype), index)
     cache_values = jax.lax.dynamic_update_slice(cache_values, v.swapaxes(1, 2).astype(cache_values.dtype), index)
     return cache_keys, cache_values
-
-
-# --- per-entry token NLL (policies with needs_nll: InfiniPot's novelty under compression) ------------------------
-
-
-def token_novelty(
-    tokens: Int[Array, "B C"], logits: Float[Array, "B C V"], previous_logits: Float[Array, "B V"]
-) -> Float[Array, "B C"]:
-    """NuC of a chunk's tokens: ``-log p(x_t | pot, x_<t)`` from the logits at ``t - 1``; the first token's
-    prediction is ``previous_logits`` (the previous chunk's last position; zeros = uniform for the input's
-    first token)."""
-    chex.assert_shape(logits, (*tokens.shape, None))
-    chex.assert_shape(previous_logits, (tokens.shape[0], logits.shape[-1]))
-    predicting_BxCxV = jnp.concatenate([previous_logits[:, None], logits[:, :-1]], axis=1)
-    logprobs = jax.nn.log_softmax(predicting_BxCxV.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]
-
-
-def record_novelty(cache: KVCache, start: Int[Array, ""], nll: Float[Array, "B C"]) -> KVCache:
-    """Write a chunk's NuC into every layer's ``token_nll`` at slots ``start…start+C`` of every KV head."""
-    batch, num_kv_heads = cache.batch, cache.layers[0].keys.shape[1]
-    chex.assert_shape(nll, (batch, None))
-    block = jnp.broadcast_to(nll[:, None, :], (batch, num_kv_heads, nll.shape[1]))
-    zero = jnp.zeros((), jnp.int32)
-    index = (zero, zero, jnp.asarray(start, jnp.int32))
-    return cache.replace_layers(
-        token_nll=[jax.lax.dynamic_update_slice(layer.token_nll, block, index) for layer in cache.layers]
-    )

@@ -11,13 +11,14 @@ no eviction, and decoding starts. Keys are stored pre-RoPE and kept entries are 
 
 How it maps onto :mod:`lcm.cache.policies` and :class:`lcm.generate.Engine`:
 
-- ``retaining = True``: the model must have heads attached (:func:`lcm.io.retaining.load_retaining_heads`); the
-  decoder layer writes ``block.retaining(q, k, v)`` into each layer's ``scores`` for the new entries, and
+- :meth:`Locret.check_model`: the model must have heads attached (:func:`lcm.io.retaining.load_retaining_heads`);
+  the :class:`RetainingScores` layer hook writes ``block.retaining(q, k, v)`` into each layer's ``scores`` for
+  the new entries, and
   :func:`~lcm.cache.policies.compress` moves scores with their entries. ``needs_scores = False``: no attention
   mass is accumulated (the heads replace it).
 - ``streaming``: compress after every chunk; ``renumber``: keys pre-RoPE, positions = slots.
 - :meth:`tail_tokens` is ``n_loc``; :meth:`priority` takes ``final=True`` for the compression after the last
-  chunk before that tail.
+  chunk before that tail (:meth:`Locret.rank` passes it).
 
 What we took from the official code (``locret/inference/infer.py``; line numbers there):
 
@@ -89,9 +90,7 @@ class Locret(KVPolicy):
     name: ClassVar[str] = "locret"
     streaming: ClassVar[bool] = True
     renumber: ClassVar[bool] = True
-    needs_scores: ClassVar[bool] = False
-    retaining: ClassVar[bool] = True  # retaining heads score each new entry into its layer's scores
-    needs_final: ClassVar[bool] = True  # the compression after the last chunk drops the stabilisers' protection
+    needs_scores: ClassVar[bool] = False  # the retaining heads' scores replace the attention mass
 
     def __post_init__(self) -> None:
         if not _is_int(self.stabilizers) or self.stabilizers < -1:
@@ -136,6 +135,10 @@ class Locret(KVPolicy):
 
     def promised(self) -> str:
         return f"{self.stabilizer_tokens} stabilisers and at least 1 entry chosen by score"
+
+    def rank(self, layer: LayerCache, prompt_seen: jax.Array, final: bool) -> Float[Array, "B K S"]:
+        """:meth:`priority` of the retaining heads' scores; ``final`` drops the stabilisers' protection."""
+        return self.priority(layer.scores, layer.length, prompt_seen, final=final)
 
     def priority(
         self,

@@ -1,7 +1,9 @@
 """KV-cache policies: which cached entries a layer keeps, under one interface, chosen by name.
 
 A policy is a frozen dataclass (hashable: a static argument of the jitted compression) that answers three
-questions for the generation loop (:class:`lcm.generate.Engine`):
+questions for the generation loop (:class:`lcm.generate.Engine`), through hooks the Engine calls and never branches
+around (:meth:`KVPolicy.prompt_capacity`, :meth:`KVPolicy.first_position`, :meth:`KVPolicy.after_chunk`,
+:meth:`KVPolicy.rank`, :meth:`KVPolicy.layer_budget`, ...; the class flags below only configure their defaults):
 
 1. **What to keep after a prefill chunk.** :meth:`KVPolicy.priority` ranks every filled slot of every layer and
    KV head; :func:`compress` keeps the ``budget`` highest, in slot order, and compacts them to slots
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -58,20 +60,43 @@ from lcm.ops.token_select import (
 
 
 @dataclasses.dataclass(frozen=True)
+class ChunkDone:
+    """What the Engine tells a policy after a prefill chunk (host integers): the entries layer 0 holds, the prompt
+    tokens fed so far, whether this was the last chunk before the never-evicted tail or one of the tail's."""
+
+    filled: int
+    prompt_seen: int
+    last: bool
+    in_tail: bool
+    num_layers: int
+
+
+class CacheOps(Protocol):
+    """The jitted programs a policy's :meth:`KVPolicy.after_chunk` may run (the Engine provides them)."""
+
+    def compress(self, policy: KVPolicy, cache: KVCache, prompt_seen: int, final: bool) -> KVCache:
+        """:func:`compress` (jitted, the policy static)."""
+        ...
+
+    def probe(self, cache: KVCache, tokens: tuple[int, ...], first_position: int) -> KVCache:
+        """``tokens`` fed after the filled slots at positions from ``first_position`` on zeroed scores, their
+        queries the only observers, their entries dropped again (:func:`lcm.steps.probe_chunk`)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
 class KVPolicy:
     """The full cache: nothing is evicted (``budget`` 0 means unbounded)."""
 
     budget: int = 0  # prompt tokens kept per layer and KV head; 0 = all
 
     name: ClassVar[str] = "full"
+    # what the default hooks below are built from; the Engine never reads these (it calls the hooks)
     streaming: ClassVar[bool] = False  # compress after every chunk (bounded memory) or once after the prompt
     renumber: ClassVar[bool] = False  # keys pre-RoPE, positions = slots (contiguous) after eviction
     compress_last_chunk: ClassVar[bool] = True  # streaming: also compress after the prompt's last chunk
     needs_scores: ClassVar[bool] = False  # accumulate attention mass in each layer's scores
-    needs_nll: ClassVar[bool] = False  # record each entry's token NLL in each layer's token_nll (ranked by priority)
     evicts: ClassVar[bool] = True  # a bounded policy compresses the cache (False: it selects what attention reads)
-    retaining: ClassVar[bool] = False  # retaining heads (Locret) score each new entry into its layer's scores
-    needs_final: ClassVar[bool] = False  # priority() is told whether this is the compression after the last chunk
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 0:
@@ -118,10 +143,6 @@ class KVPolicy:
         """``[T]`` bool: which of the chunk's queries (absolute prompt positions) add to the attention mass."""
         return np.zeros(positions.shape, bool)
 
-    def attention_rule(self) -> TokenSelectRule | None:
-        """What each attention step reads beyond the kept entries (question 2): ``None`` = all of them."""
-        return None
-
     def max_prefill_chunk(self) -> int | None:
         """The largest prefill chunk the policy works with (the Engine prefills in smaller chunks if needed)."""
         return None
@@ -135,6 +156,81 @@ class KVPolicy:
         fill each layer's ``scores`` and whose own entries are dropped again (InfiniPot's catalyst prompt);
         () = none."""
         return ()
+
+    # --- the Engine's questions (lcm.generate.Engine calls these hooks; it never tests a flag) -------------------
+
+    def stores_keys_pre_rope(self, requested: bool) -> bool:
+        """Whether the cache stores keys before RoPE: when ``requested``, or when the policy renumbers positions
+        (a kept entry is rotated at its new position when read)."""
+        return requested or self.renumber
+
+    def keeps_everything(self) -> bool:
+        """Whether the cache holds every entry as the model computed it, at its own position, and every step reads
+        all of them (the full cache): what per-token NLLs and reusing a prompt's prefix need."""
+        return not self.bounded and not self.renumber and self.layer_hooks() is None
+
+    def accepts_padded_rows(self) -> bool:
+        """Whether left-padded rows (a batch of prompts of different lengths) may share the cache; eviction ranks
+        slots, and a padded row's slots are not its tokens."""
+        return not self.bounded
+
+    def prompt_capacity(self, length: int, chunk_size: int) -> int:
+        """Cache slots the prefill of ``length`` tokens in chunks of ``chunk_size`` needs (before any generated
+        token): a streaming policy holds at most its budget plus one chunk (or its never-evicted tail), whatever
+        the prompt's length, plus room for the transient entries of its probe chunk if it has one."""
+        if not (self.bounded and self.evicts and length > self.budget):
+            return length
+        probe = len(self.probe_tokens())
+        tail = max(chunk_size, -(-self.tail_tokens() // chunk_size) * chunk_size)  # the last chunk or the tail
+        return (self.budget + tail if self.streaming else length) + probe
+
+    def rope_length(self, length: int, capacity: int) -> int:
+        """The sequence length a length-dependent RoPE (dynamic NTK, LongRoPE) is scaled for, for a prompt of
+        ``length`` tokens prefilled into ``capacity`` slots: the prompt's, as one transformers forward; a policy that
+        renumbers never gives a position beyond the cache."""
+        return min(length, capacity) if self.renumber else length
+
+    def first_position(self, prompt_seen: int, filled: int) -> int:
+        """The RoPE position of the next token fed after ``prompt_seen`` prompt tokens when the cache holds
+        ``filled`` entries: its place in the prompt, or its slot for a policy that renumbers."""
+        return filled if self.renumber else prompt_seen
+
+    def evictable(self, length: int) -> int:
+        """Prompt tokens (of ``length``) fed before the last compression; the rest is never evicted (Locret's
+        ``n_loc``). The Engine's chunks end there and start anew."""
+        return length - min(self.tail_tokens(), length) if self.bounded else length
+
+    def layer_budget(self, index: int, num_layers: int) -> int:
+        """Entries layer ``index`` (of ``num_layers``) keeps per KV head when compressed; the same ``budget`` for
+        every layer by default (PyramidKV's fall with depth)."""
+        del index, num_layers
+        return self.budget
+
+    def after_chunk(self, cache: KVCache, chunk: ChunkDone, run: CacheOps) -> tuple[KVCache, int]:
+        """What happens after a prefill chunk: the cache and the entries it then holds (layer 0's, counted on the
+        host). By default a bounded, evicting policy compresses (:meth:`CacheOps.compress`, each layer to its
+        :meth:`layer_budget`) once it holds more than its budget: after every chunk if ``streaming`` (also the
+        last unless ``compress_last_chunk``), else after the last; a probe chunk (:meth:`probe_tokens`) is fed
+        first, at the positions the next token would take."""
+        budgets = [self.layer_budget(i, chunk.num_layers) for i in range(chunk.num_layers)]
+        over = self.bounded and self.evicts and chunk.filled > min(budgets) and not chunk.in_tail
+        when = (not chunk.last or self.compress_last_chunk) if self.streaming else chunk.last
+        if not (over and when):
+            return cache, chunk.filled
+        probe = self.probe_tokens()
+        if probe:
+            cache = run.probe(cache, probe, self.first_position(chunk.prompt_seen, chunk.filled))
+        cache = run.compress(self, cache, chunk.prompt_seen, chunk.last)
+        return cache, min(chunk.filled, budgets[0])
+
+    def rank(self, layer: LayerCache, prompt_seen: jax.Array, final: bool) -> Float[Array, "B K S"]:
+        """Rank of every slot of one layer per row and KV head, from whatever the policy needs of the layer's state
+        (its statistics, its keys, ...); the layer's budget highest are kept. ``final`` (static) marks the
+        compression after the prompt's last evictable chunk. By default :meth:`priority` of the layer's ``scores``
+        (zeros if it keeps none)."""
+        del final
+        scores = layer.scores if layer.scores is not None else jnp.zeros(layer.keys.shape[:3], jnp.float32)
+        return self.priority(scores, layer.length, prompt_seen)
 
     def priority(
         self, scores: Float[Array, "B K S"], length: jax.Array, prompt_seen: jax.Array
@@ -311,6 +407,10 @@ class TokenSelect(KVPolicy):
     def max_prefill_chunk(self) -> int:
         return self.local_tokens
 
+    def rope_length(self, length: int, capacity: int) -> int:
+        """Positions never exceed what a step attends to: the budget."""
+        return min(length, self.budget)
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenSelectAttention(LayerHooks):
@@ -435,28 +535,31 @@ def parse_policy(spec: str, budget: int = 0) -> KVPolicy:
 
 
 def compress(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array, final: bool = False) -> KVCache:
-    """Keep the ``policy.budget`` highest-priority filled slots of every layer and KV head, compacted in slot order.
+    """Keep the highest-priority filled slots of every layer and KV head (its :meth:`KVPolicy.layer_budget`),
+    compacted in slot order.
 
     Pure and jit-able: indices come from ``lax.top_k`` over a fixed capacity, so shapes never depend on the prompt.
-    Call it only when the cache holds more than ``budget`` (the Engine knows the length on the host): a policy
+    Call it only when the cache holds more than the budget (the Engine knows the length on the host): a policy
     whose budget covers the context then never compresses and computes exactly what the full cache computes.
     ``final`` (static) marks the compression after the prompt's last evictable chunk, for policies that treat it
     apart (Locret). Each layer is compressed on its own (:func:`compress_layer`).
     """
-    return dataclasses.replace(
-        cache, layers=tuple(compress_layer(policy, layer, prompt_seen, final) for layer in cache.layers)
+    n = len(cache.layers)
+    layers = tuple(
+        compress_layer(policy, layer, prompt_seen, final, policy.layer_budget(i, n))
+        for i, layer in enumerate(cache.layers)
     )
+    return dataclasses.replace(cache, layers=layers)
 
 
-def compress_layer(policy: KVPolicy, layer: LayerCache, prompt_seen: jax.Array, final: bool = False) -> LayerCache:
-    """One layer's :func:`compress`: its ``budget`` highest-priority filled slots per KV head, in slot order, in
-    slots ``0…budget-1``; statistics move with their entries, and renumbering policies number them by slot."""
-    budget = policy.budget
-    scores = layer.scores if layer.scores is not None else jnp.zeros(layer.keys.shape[:3], jnp.float32)
-    extra: dict[str, Any] = {"token_nll": layer.token_nll} if policy.needs_nll else {}
-    if policy.needs_final:
-        extra["final"] = final
-    priority = policy.priority(scores, layer.length, prompt_seen, **extra)
+def compress_layer(
+    policy: KVPolicy, layer: LayerCache, prompt_seen: jax.Array, final: bool = False, budget: int | None = None
+) -> LayerCache:
+    """One layer's :func:`compress`: its ``budget`` (default ``policy.budget``, at most its capacity)
+    highest-ranked filled slots per KV head (:meth:`KVPolicy.rank`), in slot order, in slots ``0…budget-1``;
+    whatever the layer keeps per slot moves with its entry, and renumbering policies number them by slot."""
+    budget = min(policy.budget if budget is None else budget, layer.capacity)
+    priority = policy.rank(layer, prompt_seen, final)
     _, top = jax.lax.top_k(priority, budget)  # [B, K, budget]
     kept = jnp.sort(top, axis=-1)  # slot order = original order: causality by slot still holds
 

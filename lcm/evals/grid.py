@@ -207,7 +207,7 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
             # Locret ranks by the model's trained retaining heads, attached after the RoPE swap
             scored = model_for_policy(model_with_rope(model, rope), spec.model, kv_policy)
             engine = Engine(scored, chunk_size=spec.chunk_size, policy=kv_policy)
-            batch_size = 1 if kv_policy.bounded else spec.batch_size  # eviction works on unpadded rows
+            batch_size = spec.batch_size if kv_policy.accepts_padded_rows() else 1  # eviction ranks unpadded rows
             todo = [s for _, s in group]
             for (task, length), cell in _group_by(todo, lambda s: (s.task, s.length)):
                 bar.set_postfix_str(f"{method_label(rope, policy, budget)} {task} {length}")

@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 from stacked import kept, stacked, tagged_cache
 
 import lcm.steps
-from lcm.cache.infinipot import InfiniPot
-from lcm.cache.kv import token_novelty
+from lcm.cache.infinipot import InfiniPot, token_novelty
 from lcm.cache.policies import POLICIES, compress, make_policy
 from lcm.generate import Engine
 from lcm.models.llama import Llama

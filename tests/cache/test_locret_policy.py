@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from stacked import kept, tagged_cache
 
-from lcm.cache.locret import Locret
+from lcm.cache.locret import Locret, RetainingScores
 from lcm.cache.policies import KVPolicy, compress
 
 # predicted CIS of slots 0…7 per KV head; slots 8 and 9 are empty (their huge scores must never count)
@@ -78,7 +78,7 @@ def test_interface() -> None:
     policy = Locret(budget=256, n_loc=64)
     assert policy.tail_tokens() == 64 and Locret(budget=256).tail_tokens() == 100
     assert (policy.name, policy.streaming, policy.renumber, policy.needs_scores) == ("locret", True, True, False)
-    assert policy.retaining is True and isinstance(policy, KVPolicy)
+    assert isinstance(policy.layer_hooks(), RetainingScores) and isinstance(policy, KVPolicy)
     assert "38 stabilisers" in policy.promised()
     hash(policy)  # a static argument of the jitted compression
 

@@ -115,14 +115,14 @@ def test_a_budget_covering_the_context_reproduces_the_full_cache(model: Llama, n
     tokens = np.random.default_rng(2).integers(0, model.config.vocab_size, (1, 37))
     policy = make_policy(name, budget=40)
     scored = model
-    if policy.retaining:  # Locret ranks by its retaining heads; random ones do here (nothing is evicted)
+    if name == "locret":  # Locret ranks by its retaining heads; random ones do here (nothing is evicted)
         scored = attach_retaining_heads(model, RetainingHeads(model.config, hidden_width=16, rngs=nnx.Rngs(0)))
     engine = Engine(scored, chunk_size=8, policy=policy)
     # the full cache stored the same way (pre-RoPE keys for renumbering policies): same program, same numbers
     full = Engine(model, chunk_size=8, keys_pre_rope=policy.renumber)
     got, _ = engine.prefill(tokens, engine.new_cache(1, 37))
     want, _ = full.prefill(tokens, full.new_cache(1, 37))
-    if policy.needs_scores or policy.retaining:
+    if policy.needs_scores or name == "locret":
         # the attention statistic is an extra consumer inside the layer, and XLA fuses the layer differently:
         # float32 round-off on O(1) logits (measured 6e-7), nothing else
         chex.assert_trees_all_close(got, want, atol=5e-6, rtol=5e-6)
