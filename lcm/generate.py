@@ -222,7 +222,7 @@ class Engine:
         self.last_cache_bytes = cache.num_bytes  # the prompt's cache at its largest, for memory reports
         filled = [int(n) for n in jax.device_get([layer.length for layer in cache.layers])]
         # each layer's buffer cut to what it holds plus the new tokens (after eviction the rest is empty)
-        capacities = tuple(_round_up(n + max_new_tokens, self.chunk_size) for n in filled)
+        capacities = tuple(_round_up(self.policy.decode_capacity(n, max_new_tokens), self.chunk_size) for n in filled)
         if capacities != cache.capacities:
             cache = steps.shrink_cache(cache, tuple(map(min, capacities, cache.capacities)))
         first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -315,10 +315,11 @@ class Engine:
         batch = first.shape[0]
         slots = jax.device_get([layer.length for layer in cache.layers])
         for index, (slot, capacity) in enumerate(zip(slots, cache.capacities, strict=True)):
-            if slot + max_new_tokens - 1 > capacity:
+            needed = self.policy.decode_capacity(int(slot), max_new_tokens - 1)
+            if needed > capacity:
                 raise ValueError(
                     f"decoding {max_new_tokens} tokens after {slot} cached ones needs a cache capacity of at least "
-                    f"{slot + max_new_tokens - 1}, got {capacity} (layer {index})"
+                    f"{needed}, got {capacity} (layer {index})"
                 )
         # host-side bookkeeping in numpy: an eager jnp op would compile a small program of its own
         stops = np.asarray(list(stop_ids), np.int32).reshape(-1)

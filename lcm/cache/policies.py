@@ -200,20 +200,27 @@ class KVPolicy:
         ``n_loc``). The Engine's chunks end there and start anew."""
         return length - min(self.tail_tokens(), length) if self.bounded else length
 
-    def layer_budget(self, index: int, num_layers: int) -> int:
-        """Entries layer ``index`` (of ``num_layers``) keeps per KV head when compressed; the same ``budget`` for
-        every layer by default (PyramidKV's fall with depth)."""
-        del index, num_layers
+    def layer_budget(self, index: int, num_layers: int, prompt_seen: jax.Array) -> int | jax.Array:
+        """Entries layer ``index`` (of ``num_layers``) keeps per KV head when compressed after ``prompt_seen``
+        prompt tokens (traced inside :func:`compress`): the same ``budget`` for every layer by default. A policy
+        whose budgets differ by layer keeps ``budget`` as their mean (PyramidKV's fall with depth); a traced
+        budget (one that depends on the prompt's length) is honoured without recompiling per length."""
+        del index, num_layers, prompt_seen
         return self.budget
 
+    def decode_capacity(self, held: int, new_tokens: int) -> int:
+        """Slots a layer holding ``held`` entries needs to decode ``new_tokens`` more (the Engine cuts each layer's
+        buffer to it after the prompt): all of them, unless the policy evicts while decoding."""
+        return held + new_tokens
+
     def after_chunk(self, cache: KVCache, chunk: ChunkDone, run: CacheOps) -> tuple[KVCache, int]:
-        """What happens after a prefill chunk: the cache and the entries it then holds (layer 0's, counted on the
-        host). By default a bounded, evicting policy compresses (:meth:`CacheOps.compress`, each layer to its
-        :meth:`layer_budget`) once it holds more than its budget: after every chunk if ``streaming`` (also the
+        """What happens after a prefill chunk: the cache and the entries it then holds (counted on the host, what
+        renumbered positions continue from; a policy that renumbers keeps its budget in every layer). By default a
+        bounded, evicting policy compresses (:meth:`CacheOps.compress`, each layer to its :meth:`layer_budget`)
+        once it holds more than its budget: after every chunk if ``streaming`` (also the
         last unless ``compress_last_chunk``), else after the last; a probe chunk (:meth:`probe_tokens`) is fed
         first, at the positions the next token would take."""
-        budgets = [self.layer_budget(i, chunk.num_layers) for i in range(chunk.num_layers)]
-        over = self.bounded and self.evicts and chunk.filled > min(budgets) and not chunk.in_tail
+        over = self.bounded and self.evicts and chunk.filled > self.budget and not chunk.in_tail
         when = (not chunk.last or self.compress_last_chunk) if self.streaming else chunk.last
         if not (over and when):
             return cache, chunk.filled
@@ -221,7 +228,7 @@ class KVPolicy:
         if probe:
             cache = run.probe(cache, probe, self.first_position(chunk.prompt_seen, chunk.filled))
         cache = run.compress(self, cache, chunk.prompt_seen, chunk.last)
-        return cache, min(chunk.filled, budgets[0])
+        return cache, self.budget
 
     def rank(self, layer: LayerCache, prompt_seen: jax.Array, final: bool) -> Float[Array, "B K S"]:
         """Rank of every slot of one layer per row and KV head, from whatever the policy needs of the layer's state
@@ -546,22 +553,34 @@ def compress(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array, final: bo
     """
     n = len(cache.layers)
     layers = tuple(
-        compress_layer(policy, layer, prompt_seen, final, policy.layer_budget(i, n))
+        compress_layer(policy, layer, prompt_seen, final, policy.layer_budget(i, n, prompt_seen))
         for i, layer in enumerate(cache.layers)
     )
     return dataclasses.replace(cache, layers=layers)
 
 
 def compress_layer(
-    policy: KVPolicy, layer: LayerCache, prompt_seen: jax.Array, final: bool = False, budget: int | None = None
+    policy: KVPolicy,
+    layer: LayerCache,
+    prompt_seen: jax.Array,
+    final: bool = False,
+    budget: int | jax.Array | None = None,
 ) -> LayerCache:
-    """One layer's :func:`compress`: its ``budget`` (default ``policy.budget``, at most its capacity)
-    highest-ranked filled slots per KV head (:meth:`KVPolicy.rank`), in slot order, in slots ``0…budget-1``;
-    whatever the layer keeps per slot moves with its entry, and renumbering policies number them by slot."""
-    budget = min(policy.budget if budget is None else budget, layer.capacity)
+    """One layer's :func:`compress`: its ``budget`` (default ``policy.budget``, at most its capacity; a traced
+    budget too) highest-ranked filled slots per KV head (:meth:`KVPolicy.rank`), in slot order, in slots
+    ``0…budget-1``; whatever the layer keeps per slot moves with its entry, and renumbering policies number them by
+    slot."""
+    budget = policy.budget if budget is None else budget
     priority = policy.rank(layer, prompt_seen, final)
-    _, top = jax.lax.top_k(priority, budget)  # [B, K, budget]
-    kept = jnp.sort(top, axis=-1)  # slot order = original order: causality by slot still holds
+    if isinstance(budget, int):
+        budget = min(budget, layer.capacity)
+        _, top = jax.lax.top_k(priority, budget)  # [B, K, budget]
+        kept = jnp.sort(top, axis=-1)  # slot order = original order: causality by slot still holds
+    else:  # a traced budget: every slot by rank, the first `budget` kept, in slot order, the rest after them
+        budget = jnp.clip(budget, 0, layer.capacity).astype(jnp.int32)
+        _, top = jax.lax.top_k(priority, layer.capacity)
+        top = jnp.where(jnp.arange(layer.capacity) < budget, top, layer.capacity)
+        kept = jnp.minimum(jnp.sort(top, axis=-1), layer.capacity - 1)  # slots past `budget` count as empty
 
     def gather(x: jax.Array | None) -> jax.Array | None:
         if x is None:
@@ -569,7 +588,7 @@ def compress_layer(
         index = kept[..., None] if x.ndim == 4 else kept
         head = jnp.take_along_axis(x, index, axis=2)
         pad = [(0, 0)] * x.ndim
-        pad[2] = (0, x.shape[2] - budget)
+        pad[2] = (0, x.shape[2] - head.shape[2])
         return jnp.pad(head, pad)
 
     if policy.renumber:
