@@ -316,10 +316,11 @@ class SnapKV(KVPolicy):
     """Observation-window voting (Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before
     Generation", arXiv 2404.14469, Alg. 1; official FasterDecoding/SnapKV ``snapkv_utils.py``): the last ``window``
     prompt queries' attention to every earlier token, summed over the window, smoothed by a 1-D average pool of
-    ``kernel`` (stride 1, zero padding, as ``F.avg_pool1d``), top ``budget - window`` per KV head, plus the window
-    itself. Once, after the whole prompt. Deviation: the official code selects per *query* head (keys repeated
-    for GQA); we select per KV head, summing the group's votes (kvpress does the same), since the cache is per KV
-    head."""
+    ``kernel`` over the tokens before the window (stride 1, zero padding, as ``F.avg_pool1d`` on
+    ``attn[..., -window:, :-window]``), top ``budget - window`` per KV head, plus the window itself. Once, after
+    the whole prompt. Deviation: the official code selects per *query* head (keys repeated for GQA); we select per
+    KV head, summing the group's votes (kvpress does the same), since the cache is per KV head. Kept entries match
+    kvpress's ``SnapKVPress`` on a tiny model (``tests/cache/test_kvpress_parity.py``)."""
 
     window: int = 32  # observation window (the paper's 32)
     kernel: int = 5  # pooling kernel (the official default)
@@ -342,11 +343,14 @@ class SnapKV(KVPolicy):
         return positions >= prompt_length - self.window
 
     def priority(self, scores: jax.Array, length: jax.Array, prompt_seen: jax.Array) -> jax.Array:
-        pad = self.kernel // 2
-        padded = jnp.pad(scores, [(0, 0)] * (scores.ndim - 1) + [(pad, pad)])
-        pooled = sum(padded[..., i : i + scores.shape[-1]] for i in range(self.kernel)) / self.kernel
+        # the votes for the tokens before the window only, pooled with zeros past both ends (the official code
+        # pools attn[..., -window:, :-window]; so does kvpress): the window's own votes never raise its neighbours
         slots = jnp.arange(scores.shape[-1])
-        rank = jnp.where(slots >= length - self.window, jnp.inf, pooled)
+        before = slots < length - self.window
+        pad = self.kernel // 2
+        padded = jnp.pad(jnp.where(before, scores, 0.0), [(0, 0)] * (scores.ndim - 1) + [(pad, pad)])
+        pooled = sum(padded[..., i : i + scores.shape[-1]] for i in range(self.kernel)) / self.kernel
+        rank = jnp.where(before, pooled, jnp.inf)
         return jnp.where(_filled(scores, length), rank, -jnp.inf)
 
 

@@ -59,9 +59,10 @@ def test_h2o_keeps_heavy_hitters_per_head_and_the_recent_window() -> None:
 def test_snapkv_pools_votes_and_keeps_the_window() -> None:
     scores = np.zeros((1, 1, 10))
     scores[0, 0, :] = [0, 0, 9, 0, 0, 0, 4, 4, 1, 1]  # slots 8, 9 are the observation window
-    # avg-pool, kernel 3, zero padding: slot 1 -> 3, 2 -> 3, 3 -> 3, 5 -> 4/3, 6 -> 8/3, 7 -> 3 (4+4+1)/3
+    # avg-pool, kernel 3, over slots 0-7 only, zero padding past both ends (the official attn[..., :-window]):
+    # slot 1 -> 3, 2 -> 3, 3 -> 3, 5 -> 4/3, 6 -> 8/3, 7 -> 8/3 (4+4+0)/3, not 3: the window's votes are not pooled in
     out = compress(SnapKV(budget=6, window=2, kernel=3), _tagged_cache(1, 1, 10, 10, scores), jnp.int32(10))
-    assert _kept(out) == [1, 2, 3, 7, 8, 9]  # the four pooled maxima (ties 3.0), then the window
+    assert _kept(out) == [1, 2, 3, 6, 8, 9]  # the four pooled maxima (the tie 6/7 to the lower slot), the window
     out = compress(SnapKV(budget=3, window=2, kernel=1), _tagged_cache(1, 1, 10, 10, scores), jnp.int32(10))
     assert _kept(out) == [2, 8, 9]  # no pooling: the single vote winner
 
