@@ -220,19 +220,24 @@ class Engine:
         jax.block_until_ready(logits)
         self.last_prefill_seconds = time.perf_counter() - started
         self.last_cache_bytes = cache.num_bytes  # the prompt's cache at its largest, for memory reports
-        filled = [int(n) for n in jax.device_get([layer.length for layer in cache.layers])]
-        # each layer's buffer cut to what it holds plus the new tokens (after eviction the rest is empty)
-        capacities = tuple(_round_up(self.policy.decode_capacity(n, max_new_tokens), self.chunk_size) for n in filled)
-        if capacities != cache.capacities:
-            cache = steps.shrink_cache(cache, tuple(map(min, capacities, cache.capacities)))
+        cache = self.fit(cache, max_new_tokens)
         first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        position = self.policy.first_position(length, filled[0])
+        position = self.policy.first_position(length, int(cache.layers[0].length))
         started = time.perf_counter()
         out, cache = self.decode(first, position, cache, max_new_tokens, stop_ids)
         self.last_decode_seconds, self.last_decode_steps = time.perf_counter() - started, out.shape[1] - 1
         if self.reuse_prefix and self._reusable(starts):
             self._previous = (tokens.copy(), cache)
         return out
+
+    def fit(self, cache: KVCache, max_new_tokens: int) -> KVCache:
+        """The cache after a prompt with each layer's buffer cut to what decoding ``max_new_tokens`` needs
+        (:meth:`KVPolicy.decode_capacity` of what it holds, rounded up to a chunk): after eviction, or under
+        per-layer budgets, layers then hold buffers of their own capacities."""
+        held = [int(n) for n in jax.device_get([layer.length for layer in cache.layers])]
+        needed = [_round_up(self.policy.decode_capacity(n, max_new_tokens), self.chunk_size) for n in held]
+        capacities = tuple(map(min, needed, cache.capacities))
+        return cache if capacities == cache.capacities else steps.shrink_cache(cache, capacities)
 
     def _reusable(self, starts: np.ndarray | jax.Array | None) -> bool:
         """Whether a cache's prefix can serve another prompt: unpadded rows, a policy that keeps every entry as
