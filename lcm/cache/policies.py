@@ -466,7 +466,10 @@ class TokenSelectAttention(LayerHooks):
 
 
 from lcm.cache.infinipot import InfiniPot  # noqa: E402  (these subclass KVPolicy, so they are imported after it)
+from lcm.cache.knorm import Knorm  # noqa: E402
 from lcm.cache.locret import Locret  # noqa: E402
+from lcm.cache.pyramidkv import PyramidKV  # noqa: E402
+from lcm.cache.tova import TOVA  # noqa: E402
 
 POLICIES: dict[str, type[KVPolicy]] = {
     "full": KVPolicy,
@@ -476,6 +479,9 @@ POLICIES: dict[str, type[KVPolicy]] = {
     "infinipot": InfiniPot,
     "tokenselect": TokenSelect,
     "locret": Locret,
+    "knorm": Knorm,
+    "tova": TOVA,
+    "pyramidkv": PyramidKV,
 }
 
 

@@ -22,7 +22,10 @@ from lcm.io.hf import load_hf_folder
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "kvpress"
 # lcm's policy for each kvpress press: the same budget (kvpress keeps int(96 * (1 - 0.5)) = 48) and parameters
 POLICIES = {
+    "knorm": ("knorm", {}),
+    "tova": ("tova", {}),
     "snapkv": ("snapkv", {"window": 8, "kernel": 5}),
+    "pyramidkv": ("pyramidkv", {"window": 8, "kernel": 5, "beta": 20}),
 }
 
 
