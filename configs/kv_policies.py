@@ -12,7 +12,7 @@ Run: ``lcm run configs/kv_policies.py:cpu``.
 import ml_collections
 
 # lcm.cache.policies.POLICIES; NAME[:k=v] for parameters. locret needs trained heads: lcm run configs/locret_smollm2.py
-POLICIES = ("full", "streamingllm", "snapkv", "h2o", "tokenselect", "infinipot", "locret")
+POLICIES = ("full", "streamingllm", "snapkv", "h2o", "tokenselect", "infinipot", "locret", "knorm", "tova", "pyramidkv")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

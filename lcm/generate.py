@@ -79,10 +79,14 @@ class Engine:
         self.last_reused_tokens = 0  # prompt tokens the last generate() took from the previous one's cache
         self._previous: tuple[np.ndarray, KVCache] | None = None  # (prompt, final cache) kept by reuse_prefix
 
-    def prompt_capacity(self, length: int) -> int:
+    def prompt_capacity(self, length: int, question: int = 0) -> int:
         """Cache slots the prefill of ``length`` tokens needs under the policy, before any generated token
-        (:meth:`KVPolicy.prompt_capacity`: a streaming policy's is bounded whatever the prompt's length)."""
-        return self.policy.prompt_capacity(length, self.chunk_size)
+        (:meth:`KVPolicy.prompt_capacity`: a streaming policy's is bounded whatever the prompt's length); the last
+        ``question`` of them appended after the context uncompressed (:meth:`prefill`)."""
+        if not 0 <= question < length:
+            raise ValueError(f"question={question} must be a number of tokens in [0, {length}) (the prompt's)")
+        context = self.policy.prompt_capacity(length - question, self.chunk_size)
+        return context + _round_up(question, self.chunk_size)
 
     def _check_tokens(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens)
@@ -131,7 +135,9 @@ class Engine:
             return positions
         return np.maximum(positions - np.asarray(cache.starts)[:, None], 0)
 
-    def prefill(self, tokens: np.ndarray, cache: KVCache, start: int = 0) -> tuple[jax.Array, KVCache]:
+    def prefill(
+        self, tokens: np.ndarray, cache: KVCache, start: int = 0, question: int = 0
+    ) -> tuple[jax.Array, KVCache]:
         """Feed ``tokens [B, T]`` (positions ``0…T-1``) chunk by chunk; logits ``[B, V]`` at the last one.
 
         After each chunk the policy decides what happens to the cache (:meth:`KVPolicy.after_chunk`: a bounded
@@ -139,10 +145,16 @@ class Engine:
         policy gives them (:meth:`KVPolicy.first_position`). ``start`` (a multiple of ``chunk_size``, a policy that
         keeps everything) skips the chunks before it: ``cache`` must already hold the first ``start`` tokens, as a
         cache of the same prompt (prefix) does.
+
+        ``question``: the last ``question`` tokens are a question appended to the compressed context, as kvpress
+        does: the policy compresses the first ``T - question`` tokens as if they were the whole prompt
+        (query-agnostic: its observers are the context's), and the question is fed after the last compression and
+        never evicted. ``0`` (the default) compresses the question with the context (SnapKV's setting).
         """
         tokens = self._check_tokens(tokens)
         batch, length = tokens.shape
         policy = self.policy
+        context = length - question
         if start and (start % self.chunk_size or not 0 < start < length or not self._reusable(cache.starts)):
             raise ValueError(
                 f"prefill start={start} must be a multiple of chunk_size={self.chunk_size} below the prompt's "
@@ -150,7 +162,7 @@ class Engine:
             )
         if start and int(cache.length) != start:
             raise ValueError(f"prefill start={start} needs a cache holding exactly {start} tokens, got {cache.length}")
-        needed = _round_up(self.prompt_capacity(length), self.chunk_size)
+        needed = _round_up(self.prompt_capacity(length, question), self.chunk_size)
         if needed > min(cache.capacities):
             raise ValueError(
                 f"a prompt of {length} tokens in chunks of {self.chunk_size} needs a cache capacity of at least "
@@ -163,7 +175,7 @@ class Engine:
         ops = _PrefillOps(self, rope_seq_len)
         filled = int(cache.length)
         logits = np.zeros((batch, self.config.vocab_size), np.float32)  # what "predicts" the first chunk's first token
-        evict_end = policy.evictable(length)  # the tokens after it are fed after the last compression
+        evict_end = policy.evictable(context)  # the tokens after it are fed after the last compression
         skip = start
         for start, n in self._chunks(length, evict_end):
             if start < skip:  # already in the cache (reuse_prefix)
@@ -171,8 +183,10 @@ class Engine:
             chunk = self._pad(tokens, start, n)
             positions = self._positions(cache, policy.first_position(start, filled), self.chunk_size)
             observers = None  # the queries the policy's layer hooks record from
-            watch = policy.observers(np.arange(start, start + self.chunk_size), length)
-            watch = watch & (np.arange(self.chunk_size) < n)  # not in place: the policy's array
+            slots = np.arange(start, start + self.chunk_size)
+            watch = policy.observers(slots, context) & (slots < start + n)  # not in place: the policy's array
+            if question:  # the question's queries record nothing: no compression follows them
+                watch = watch & (slots < context)
             if watch.any():  # else the chunk records nothing: skip it
                 observers = jnp.asarray(np.broadcast_to(watch, chunk.shape))
             logits, cache = steps.prefill_chunk(
@@ -191,23 +205,44 @@ class Engine:
             cache, filled = policy.after_chunk(cache, done, ops)
         return logits, cache
 
-    def generate(self, tokens: np.ndarray, max_new_tokens: int, stop_ids: Sequence[int] = ()) -> np.ndarray:
+    def generate(
+        self,
+        tokens: np.ndarray,
+        max_new_tokens: int,
+        stop_ids: Sequence[int] = (),
+        question: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Greedy continuation ``[B, <= max_new_tokens]`` of equal-length prompts ``[B, T]``.
 
         Decoding stops early once every row has produced a token in ``stop_ids`` (the stop token is kept).
+        With ``question [B, Q]`` the prompt is ``tokens`` (the context) followed by the question, and the policy
+        compresses the context alone, the question appended uncompressed (kvpress's ``question=``; see
+        :meth:`prefill`); without, a question inside ``tokens`` is compressed with the context.
         """
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
-        return self._complete(self._check_tokens(tokens), None, max_new_tokens, stop_ids)
+        tokens = self._check_tokens(tokens)
+        if question is None:
+            return self._complete(tokens, None, max_new_tokens, stop_ids)
+        question = self._check_tokens(question)
+        if question.shape[0] != tokens.shape[0]:
+            raise ValueError(f"question has {question.shape[0]} rows for {tokens.shape[0]} prompts; give one per row")
+        prompt = np.concatenate([tokens, question], axis=1)
+        return self._complete(prompt, None, max_new_tokens, stop_ids, question=question.shape[1])
 
     def _complete(
-        self, tokens: np.ndarray, starts: np.ndarray | None, max_new_tokens: int, stop_ids: Sequence[int]
+        self,
+        tokens: np.ndarray,
+        starts: np.ndarray | None,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        question: int = 0,
     ) -> np.ndarray:
         """Prefill into a fresh cache sized for the policy (or the previous prompt's, :attr:`reuse_prefix`),
         shrink it to what is kept, decode greedily."""
         batch, length = tokens.shape
         started = time.perf_counter()
-        capacity = self.prompt_capacity(length) + max_new_tokens
+        capacity = self.prompt_capacity(length, question) + max_new_tokens
         previous, self._previous = self._previous, None  # dropped before a new cache is made: one alive at a time
         reused = self._shared_chunks(previous, tokens, capacity) if self.reuse_prefix and self._reusable(starts) else 0
         if reused:
@@ -216,7 +251,7 @@ class Engine:
             del previous
             cache = self.new_cache(batch, capacity, starts)
         self.last_reused_tokens = reused
-        logits, cache = self.prefill(tokens, cache, start=reused)
+        logits, cache = self.prefill(tokens, cache, start=reused, question=question)
         jax.block_until_ready(logits)
         self.last_prefill_seconds = time.perf_counter() - started
         self.last_cache_bytes = cache.num_bytes  # the prompt's cache at its largest, for memory reports
