@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcm.cache.hooks import LayerHooks
-from lcm.cache.kv import KVCache, LayerCache, with_scores
+from lcm.cache.kv import KVCache, LayerCache, map_slots, with_scores
 from lcm.cache.policies import KVPolicy, compress
 from lcm.models.llama import Llama
 
@@ -121,17 +121,7 @@ def shrink_cache(cache: KVCache, capacities: tuple[int, ...]) -> KVCache:
     """The first ``capacities[i]`` slots of layer ``i``'s buffers (after eviction the rest is empty)."""
 
     def cut(layer: LayerCache, capacity: int) -> LayerCache:
-        def first(x: jax.Array | None, axis: int) -> jax.Array | None:
-            return None if x is None else jax.lax.slice_in_dim(x, 0, capacity, axis=axis)
-
-        return dataclasses.replace(
-            layer,
-            keys=first(layer.keys, 2),
-            values=first(layer.values, 2),
-            scores=first(layer.scores, 2),
-            token_nll=first(layer.token_nll, 2),
-            positions=first(layer.positions, 1),
-        )
+        return map_slots(layer, lambda x, axis: jax.lax.slice_in_dim(x, 0, capacity, axis=axis))
 
     if len(capacities) != len(cache.layers):
         raise ValueError(f"shrink_cache: {len(capacities)} capacities for {len(cache.layers)} layers")

@@ -24,7 +24,7 @@ step to step).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -49,6 +49,28 @@ class LayerCache:
     @property
     def capacity(self) -> int:
         return self.keys.shape[2]
+
+
+# Every array a layer holds per slot, with its logical axes ("length" is the slot axis): the one list that gathers,
+# cuts, moves (map_slots) and sharding (lcm.parallel.mesh) go through. A new per-entry field goes here and above.
+SLOT_FIELDS: dict[str, tuple[str, ...]] = {
+    "keys": ("batch", "kv_heads", "length", "head_dim"),
+    "values": ("batch", "kv_heads", "length", "head_dim"),
+    "positions": ("batch", "length"),
+    "scores": ("batch", "kv_heads", "length"),
+    "token_nll": ("batch", "kv_heads", "length"),
+}
+
+
+def map_slots(layer: LayerCache, fn: Callable[[jax.Array, int], jax.Array]) -> LayerCache:
+    """``layer`` with ``fn(array, slot_axis)`` applied to every per-slot array it holds (:data:`SLOT_FIELDS`: keys,
+    values, positions and what its policy keeps per entry); ``None`` fields stay ``None``."""
+    changed = {}
+    for name, axes in SLOT_FIELDS.items():
+        value = getattr(layer, name)
+        if value is not None:
+            changed[name] = fn(value, axes.index("length"))
+    return dataclasses.replace(layer, **changed)
 
 
 @jax.tree_util.register_dataclass

@@ -47,7 +47,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from lcm.cache.hooks import AttentionMass, LayerHooks, LayerView
-from lcm.cache.kv import KVCache, LayerCache, with_scores
+from lcm.cache.kv import KVCache, LayerCache, map_slots, with_scores
 from lcm.kernels.token_select import api as token_select_api
 from lcm.ops.token_select import (
     DEFAULT_N_INIT,
@@ -592,9 +592,9 @@ def compress_layer(
         top = jnp.where(jnp.arange(layer.capacity) < budget, top, layer.capacity)
         kept = jnp.minimum(jnp.sort(top, axis=-1), layer.capacity - 1)  # slots past `budget` count as empty
 
-    def gather(x: jax.Array | None) -> jax.Array | None:
-        if x is None:
-            return None
+    def gather(x: jax.Array, axis: int) -> jax.Array:
+        if axis != 2:  # positions [B, S]: a per-head choice has no single position per slot (set below)
+            return x
         index = kept[..., None] if x.ndim == 4 else kept
         head = jnp.take_along_axis(x, index, axis=2)
         pad = [(0, 0)] * x.ndim
@@ -605,12 +605,5 @@ def compress_layer(
         positions = jnp.broadcast_to(jnp.arange(layer.capacity, dtype=jnp.int32), layer.positions.shape)
     else:  # entries keep their rotation; a per-head choice has no single position per slot any more
         positions = jnp.full(layer.positions.shape, -1, jnp.int32)
-    return dataclasses.replace(
-        layer,
-        keys=gather(layer.keys),
-        values=gather(layer.values),
-        scores=gather(layer.scores),
-        token_nll=gather(layer.token_nll),
-        positions=positions,
-        length=jnp.minimum(layer.length, budget),
-    )
+    layer = map_slots(layer, gather)
+    return dataclasses.replace(layer, positions=positions, length=jnp.minimum(layer.length, budget))

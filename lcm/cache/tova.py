@@ -30,7 +30,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from lcm.cache.hooks import AttentionMass, LayerView
-from lcm.cache.kv import LayerCache
+from lcm.cache.kv import LayerCache, map_slots
 from lcm.cache.policies import KVPolicy
 from lcm.ops.kv_scores import attention_mass
 
@@ -59,21 +59,12 @@ class TovaEviction(AttentionMass):
         target_B = jnp.where(evict, drop_B, last)  # not evicting: the newest moves onto itself
         rows = jnp.arange(batch)
 
-        def move(x: jax.Array | None) -> jax.Array | None:
-            if x is None:
-                return None
-            axis = 2 if x.ndim >= 3 else 1
+        def move(x: jax.Array, axis: int) -> jax.Array:
             newest = jax.lax.dynamic_index_in_dim(x, last, axis=axis, keepdims=False)
             return x.at[rows, :, target_B].set(newest) if axis == 2 else x.at[rows, target_B].set(newest)
 
-        return dataclasses.replace(
-            state,
-            keys=move(state.keys),
-            values=move(state.values),
-            scores=move(state.scores),
-            positions=move(state.positions),
-            length=jnp.where(evict, last, filled),
-        )
+        state = map_slots(state, move)
+        return dataclasses.replace(state, length=jnp.where(evict, last, filled))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lcm.cache.kv import KVCache, LayerCache
+from lcm.cache.kv import SLOT_FIELDS, KVCache, LayerCache
 from lcm.models.llama import Llama, LlamaConfig, abstract_model
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
@@ -42,13 +42,6 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
 }
 
 # a layer's state's axes: keys and values [B, K, S, D], positions [B, S], per-entry statistics [B, K, S]
-_LAYER_AXES = {
-    "keys": ("batch", "kv_heads", "length", "head_dim"),
-    "values": ("batch", "kv_heads", "length", "head_dim"),
-    "positions": ("batch", "length"),
-    "scores": ("batch", "kv_heads", "length"),
-    "token_nll": ("batch", "kv_heads", "length"),
-}
 
 
 def make_mesh(
@@ -129,7 +122,7 @@ def shard_cache(cache: KVCache, mesh: Mesh, rules: Mapping[str, Sequence[str]] =
     def place(layer: LayerCache) -> LayerCache:
         placed = {
             name: put(getattr(layer, name), axes)
-            for name, axes in _LAYER_AXES.items()
+            for name, axes in SLOT_FIELDS.items()
             if isinstance(getattr(layer, name), jax.Array)
         }
         placed["length"] = jax.device_put(layer.length, NamedSharding(mesh, PartitionSpec()))
