@@ -21,11 +21,12 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-POLICIES = ("streamingllm", "snapkv", "h2o", "tokenselect", "infinipot", "locret")
+POLICIES = ("streamingllm", "snapkv", "h2o", "tokenselect", "infinipot", "locret", "knorm", "tova", "pyramidkv")
 FULL_CASES = [("passkey", 2048), ("passkey", 4096), ("passkey", 8192), ("niah", 2048), ("niah", 4096)]
 POLICY_CASES = [(task, length) for length in (2048, 4096) for task in ("passkey", "niah")]
 BUDGETS = (256, 1024)
@@ -54,7 +55,7 @@ def _model_for(model, policy: str):
     return attach_retaining_heads(model, RetainingHeads(model.config, rngs=nnx.Rngs(0)))
 
 
-def run(out: Path) -> None:
+def run(out: Path, policies: Sequence[str] | None = None) -> None:
     from lcm.cache.policies import parse_policy
     from lcm.evals.registry import get_task
     from lcm.generate import Engine
@@ -67,6 +68,8 @@ def run(out: Path) -> None:
     tasks = {"passkey": "passkey", "niah": "niah_single_1"}
     with out.open("a") as sink:
         for task, length, policy, budget in cases():
+            if policies is not None and policy not in policies:
+                continue
             samples = get_task(tasks[task])(tokenizer, length, len(DEPTHS), seed=0, chat=True, depths=DEPTHS)
             todo = [s for s in samples if (task, length, policy, budget, s.index) not in done]
             if not todo:
@@ -118,12 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="JSONL to append to (resumes)")
     parser.add_argument("--compare", type=Path, nargs=2, metavar=("BEFORE", "AFTER"))
+    parser.add_argument("--policies", help="comma-separated: run only these policies' cases (e.g. snapkv)")
     args = parser.parse_args(argv)
     if args.compare:
         return compare(*args.compare)
     if args.out is None:
         parser.error("give --out FILE or --compare BEFORE AFTER")
-    run(args.out)
+    policies = None
+    if args.policies:
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        unknown = sorted(set(policies) - {"full", *POLICIES})
+        if unknown:
+            parser.error(f"unknown policies {unknown}; choose from {['full', *POLICIES]}")
+    run(args.out, policies)
     return 0
 
 

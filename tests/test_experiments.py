@@ -98,3 +98,38 @@ def test_greedy_ids_compare_reports_every_difference(tmp_path: Path, capsys: pyt
     out = capsys.readouterr().out
     assert "ids differ at step 2" in out and "only in before" in out and "only in after" in out
     assert "0 of 1 cases identical" in out
+
+
+HLO = """HloModule jit_{name}, is_scheduled=true
+
+FileNames
+1 "{file}"
+
+StackFrames
+1 {{file_name_id=1 function_name_id=1}}
+
+%fused (p: f32[4]) -> f32[4] {{
+  %p = f32[4]{{0}} parameter(0), metadata={{op_name="{op}" stack_frame_id=1}}
+  ROOT %r = f32[4]{{0}} {instr}(%p), metadata={{op_name="{op}"}}
+}}
+
+ENTRY %main (x: f32[4]) -> f32[4] {{
+  ROOT %c = f32[4]{{0}} fusion(%x), kind=kLoop, calls=%fused
+}}
+"""
+
+
+def test_hlo_identity_ignores_metadata_but_sees_every_instruction(tmp_path: Path, capsys) -> None:
+    hlo = _experiment("hlo_identity")
+    base = HLO.format(name="a", file="/x/a.py", op="jit(f)/exp", instr="exponential")
+    moved = HLO.format(name="b", file="/y/b.py", op="jit(g)/exp", instr="exponential")  # only tables/metadata differ
+    changed = HLO.format(name="a", file="/x/a.py", op="jit(f)/exp", instr="negate")  # a computation differs
+    assert hlo.normalise(base) == hlo.normalise(moved)
+    assert hlo.normalise(base) != hlo.normalise(changed)  # the tables are cut, not what follows them
+    for folder, text in (("before", base), ("same", moved), ("after", changed)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "p_decode_block.hlo").write_text(text)
+        (tmp_path / folder / "ids.json").write_text('{"p": [[1, 2]]}')
+    assert hlo.compare(tmp_path / "before", tmp_path / "same") == 0
+    assert hlo.compare(tmp_path / "before", tmp_path / "after") == 1
+    assert "DIFFERENT  p_decode_block.hlo" in capsys.readouterr().out
