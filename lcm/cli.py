@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -400,8 +401,13 @@ def import_modules(argv: list[str]) -> list[str]:
     return rest
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
+    return f"lcm: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _one_line_warning  # a library warning (e.g. pyramidkv's fallback) is one stderr line
     try:
         argv = import_modules(argv)
     except (BadInput, ValueError, TypeError) as err:

@@ -179,3 +179,10 @@ def test_policy_and_rope_registered_from_outside(
         POLICIES.pop("recent", None)
         ROPE_VARIANTS.pop("base_scaled", None)
         sys.modules.pop("mypolicies", None)
+
+
+def test_library_warnings_print_as_one_line() -> None:
+    from lcm import cli
+
+    line = cli._one_line_warning(UserWarning("pyramidkv: this is SnapKV"), UserWarning, "/x/pyramidkv.py", 12)
+    assert line == "lcm: warning: pyramidkv: this is SnapKV\n"

@@ -142,3 +142,15 @@ def test_bad_parameters_are_one_line_errors(model: Llama) -> None:
         make_policy("tova", 1)
     with pytest.raises(ValueError, match=r"tova: keys_pre_rope=True is not supported"):
         Engine(model, policy=make_policy("tova", 8), keys_pre_rope=True)
+
+
+def test_pyramidkv_says_when_kvpress_rule_makes_it_snapkv() -> None:
+    assert PyramidKV(budget=256).falls_back(30, 2048)  # 256 / 20 = 12.8 < the window of 32
+    assert not PyramidKV(budget=1024).falls_back(30, 2048)
+    assert not PyramidKV(budget=48, window=8).falls_back(4, 96)  # the fixture's 88, 61, 35, 8
+    model = load_hf_folder(FIXTURES / "tiny_llama", progress=False)
+    prompt = np.asarray(json.loads((FIXTURES / "kept.json").read_text())["prompt_ids"], np.int32)[None]
+    engine = Engine(model, chunk_size=32, policy=make_policy("pyramidkv", 64, window=50))  # capped: min 82 > max 46
+    with pytest.warns(UserWarning, match=r"pyramidkv: a budget of 64 over 96 tokens gives every layer the same"):
+        _, cache = engine.prefill(prompt, engine.new_cache(1, 96))
+    assert [int(layer.length) for layer in cache.layers] == [64] * 4
