@@ -9,11 +9,12 @@ KV head of a layer drops the same token (sec. 4, Alg. 1). Here:
   attention mass per KV head (:class:`lcm.cache.hooks.AttentionMass`, summed over each GQA group) is summed over the
   KV heads (the mean over all heads, up to ``1/H``), and the ``budget`` highest are kept in every KV head; the last
   prompt token itself is always kept (kvpress pads its score with the maximum).
-- **While decoding** (the paper's per-step eviction): each step's token is written, and if the layer then holds
-  more than ``budget`` entries the one its query attends to least (mean over heads, the new token itself excepted,
-  as after the prompt) is dropped: the newest entry moves into its slot, so each step costs one entry's copy, the
-  buffer stays at ``budget + 1`` slots (:meth:`TOVA.decode_capacity`) and memory is bounded for any output length.
-  Slots are unordered from then on, which a decode step does not need (each key carries its rotation).
+- **While decoding** (the paper's per-step eviction; ``per_step=0`` leaves it out, as kvpress does): each step's
+  token is written, and if the layer then holds more than ``budget`` entries the one its query attends to least
+  (mean over heads, the new token itself excepted, as after the prompt) is dropped: the newest entry moves into its
+  slot, so each step costs one entry's copy, the buffer stays at ``budget + 1`` slots (:meth:`TOVA.decode_capacity`)
+  and memory is bounded for any output length. Slots are unordered from then on, which a decode step does not need
+  (each key carries its rotation).
 
 Deviation: the attention each step scores with is recomputed from the layer's probabilities
 (:func:`lcm.ops.kv_scores.attention_mass`), a second pass over the buffer per layer and step.
@@ -40,11 +41,11 @@ class TovaEviction(AttentionMass):
     """Records the last prompt token's attention (the prompt's observers), and drops one entry per decode step once
     the layer holds more than ``budget`` (see the module docstring)."""
 
-    budget: int
+    budget: int | None  # None: never while decoding (kvpress's use: once after the prompt)
 
     def record(self, view: LayerView, state: LayerCache) -> LayerCache:
         state = super().record(view, state)
-        if view.q.shape[1] != 1:  # static: a step of one token evicts (a decode step, or a one-token chunk)
+        if self.budget is None or view.q.shape[1] != 1:  # static: a one-token step evicts (a decode step, ...)
             return state
         if view.keys_pre_rope:
             raise ValueError("tova evicts while decoding by the attention to rotated keys; store keys after RoPE")
@@ -72,8 +73,15 @@ class TOVA(KVPolicy):
     """Keep the ``budget`` entries the current query attends to most (mean over the layer's heads): after the
     prompt from its last token, then one eviction per decode step. Keys keep their positions."""
 
+    per_step: int = 1  # 1: evict one entry per decode step (the paper); 0: only once after the prompt (kvpress)
+
     name: ClassVar[str] = "tova"
     needs_scores: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.per_step, bool) or self.per_step not in (0, 1):
+            raise ValueError(f"tova: per_step={self.per_step!r} must be 1 (evict while decoding, the paper) or 0")
+        super().__post_init__()
 
     def min_budget(self) -> int:
         return 2
@@ -87,12 +95,14 @@ class TOVA(KVPolicy):
         return False
 
     def layer_hooks(self) -> TovaEviction:
-        return TovaEviction(self.budget)
+        return TovaEviction(self.budget if self.per_step else None)
 
     def observers(self, positions: np.ndarray, prompt_length: int) -> np.ndarray:
         return positions == prompt_length - 1
 
     def decode_capacity(self, held: int, new_tokens: int) -> int:
+        if not self.per_step:
+            return held + new_tokens
         return min(held + new_tokens, max(held, self.budget) + 1)
 
     def rank(self, layer: LayerCache, prompt_seen: jax.Array, final: bool) -> Float[Array, "B K S"]:

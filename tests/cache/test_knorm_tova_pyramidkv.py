@@ -85,6 +85,11 @@ def test_tova_decodes_in_a_buffer_of_budget_plus_one(model: Llama) -> None:
     out, cache = engine.decode(first, 30, cache, 40)
     assert out.shape == (1, 40) and cache.capacities == (16, 16)
     assert [int(layer.length) for layer in cache.layers] == [12, 12]
+    # kvpress's use: compressed once after the prompt, then the cache grows by the generated tokens
+    once = Engine(model, chunk_size=8, policy=make_policy("tova", 12, per_step=0))
+    logits, cache = once.prefill(tokens, once.new_cache(1, once.prompt_capacity(30) + 40))
+    _, cache = once.decode(jnp.argmax(logits, axis=-1).astype(jnp.int32), 30, once.fit(cache, 40), 40)
+    assert [int(layer.length) for layer in cache.layers] == [12 + 39, 12 + 39]
     # a budget that covers prompt and output evicts nothing: the full cache's tokens
     wide = Engine(model, chunk_size=8, policy=make_policy("tova", 80))
     np.testing.assert_array_equal(wide.generate(tokens, 20), Engine(model, chunk_size=8).generate(tokens, 20))
@@ -140,6 +145,8 @@ def test_bad_parameters_are_one_line_errors(model: Llama) -> None:
         make_policy("knorm", 0)
     with pytest.raises(ValueError, match=r"tova: budget=1 is smaller than the 2 tokens"):
         make_policy("tova", 1)
+    with pytest.raises(ValueError, match=r"tova: per_step=2 must be 1"):
+        parse_policy("tova:per_step=2", 64)
     with pytest.raises(ValueError, match=r"tova: keys_pre_rope=True is not supported"):
         Engine(model, policy=make_policy("tova", 8), keys_pre_rope=True)
 
