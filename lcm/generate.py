@@ -149,7 +149,7 @@ class Engine:
         ``question``: the last ``question`` tokens are a question appended to the compressed context, as kvpress
         does: the policy compresses the first ``T - question`` tokens as if they were the whole prompt
         (query-agnostic: its observers are the context's), and the question is fed after the last compression and
-        never evicted. ``0`` (the default) compresses the question with the context (SnapKV's setting).
+        never evicted. ``0`` (the default) compresses the question with the context.
         """
         tokens = self._check_tokens(tokens)
         batch, length = tokens.shape

@@ -56,18 +56,20 @@ def prefill_chunk(
     num_valid: jax.Array,
     rope_seq_len: jax.Array,
     cache: KVCache,
-    observers_BxC: jax.Array | None,
-    previous_logits_BxV: jax.Array,
+    observers_BxC: jax.Array | None = None,
+    previous_logits_BxV: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """One prefill chunk written after the cache's filled slots; logits ``[B, V]`` at its last real token. The
     policy's hooks (``cache.hooks``) record what they need from the chunk's layers and, after the last layer,
     from the model's predictions (:meth:`lcm.cache.hooks.LayerHooks.chunk_logits`; ``previous_logits_BxV`` are
-    the previous chunk's, zeros before the first)."""
+    the previous chunk's; ``None`` or zeros before the first: a uniform prediction)."""
     start = cache.length
     model, hidden_BxCxD, cache = run_chunk(
         graphdef, params, tokens_BxC, positions_BxC, num_valid, rope_seq_len, cache, observers_BxC
     )
     hooks = cache.hooks if cache.hooks is not None else LayerHooks()
+    if previous_logits_BxV is None:
+        previous_logits_BxV = jnp.zeros((tokens_BxC.shape[0], model.config.vocab_size), jnp.float32)
     return hooks.chunk_logits(model, cache, start, tokens_BxC, hidden_BxCxD, num_valid, previous_logits_BxV)
 
 
