@@ -582,6 +582,11 @@ def compress_layer(
     slot."""
     budget = policy.budget if budget is None else budget
     priority = policy.rank(layer, prompt_seen, final)
+    if priority.shape != layer.keys.shape[:3]:
+        raise ValueError(
+            f"{policy.name}: rank() returned shape {tuple(priority.shape)}; it must rank every slot of the layer, "
+            f"[B, K, S] = {tuple(layer.keys.shape[:3])}"
+        )
     if isinstance(budget, int):
         budget = min(budget, layer.capacity)
         _, top = jax.lax.top_k(priority, budget)  # [B, K, budget]

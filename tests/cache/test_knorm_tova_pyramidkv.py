@@ -161,3 +161,18 @@ def test_pyramidkv_says_when_kvpress_rule_makes_it_snapkv() -> None:
     with pytest.warns(UserWarning, match=r"pyramidkv: a budget of 64 over 96 tokens gives every layer the same"):
         _, cache = engine.prefill(prompt, engine.new_cache(1, 96))
     assert [int(layer.length) for layer in cache.layers] == [64] * 4
+
+
+def test_a_rank_hook_of_the_wrong_shape_is_a_one_line_error(model: Llama) -> None:
+    from lcm.cache.policies import KVPolicy, compress
+
+    @dataclasses.dataclass(frozen=True)
+    class PerToken(KVPolicy):  # ranks tokens, not (KV head, slot): a mistake
+        name = "per_token"
+
+        def rank(self, layer, prompt_seen, final):
+            return jnp.zeros(layer.keys.shape[::2][:2])
+
+    cache = model.init_cache(1, 16)
+    with pytest.raises(ValueError, match=r"per_token: rank\(\) returned shape \(1, 16\); it must rank every slot"):
+        compress(PerToken(budget=4), cache, jnp.int32(16))
