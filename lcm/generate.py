@@ -184,9 +184,8 @@ class Engine:
             positions = self._positions(cache, policy.first_position(start, filled), self.chunk_size)
             observers = None  # the queries the policy's layer hooks record from
             slots = np.arange(start, start + self.chunk_size)
-            watch = policy.observers(slots, context) & (slots < start + n)  # not in place: the policy's array
-            if question:  # the question's queries record nothing: no compression follows them
-                watch = watch & (slots < context)
+            # real context tokens only (not in place: the policy's array): no compression follows the question's
+            watch = policy.observers(slots, context) & (slots < min(start + n, context))
             if watch.any():  # else the chunk records nothing: skip it
                 observers = jnp.asarray(np.broadcast_to(watch, chunk.shape))
             logits, cache = steps.prefill_chunk(
