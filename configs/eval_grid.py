@@ -41,6 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.ropes = ("none",)  # RoPE specs: none | VARIANT[:k=v,...]
     cfg.policies = ("full",)  # KV-cache policies by name
     cfg.budgets = (0,)  # KV budgets in tokens (0 = the whole cache)
+    # kvpress's compression ratios r (keep int(n * (1 - r)) of a prompt's n compressed tokens); () = none
+    cfg.compression_ratios = ()
+    cfg.question_apart = False  # True: the question appended after compression, uncompressed (kvpress)
     cfg.num_samples = 2 if name == "smoke" else 5  # samples per (task, length)
     cfg.seed = 0  # sample seed
     cfg.depths = ()  # needle depths cycled over samples; () = evenly spaced in [0, 1]

@@ -206,6 +206,16 @@ def _budgets(text: str) -> list[int]:
     return values
 
 
+def _ratios(text: str) -> list[float]:
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ratios in (0, 1), got {text!r}") from None
+    if not values or not all(0.0 < v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"compression ratios must lie strictly between 0 and 1, got {text!r}")
+    return values
+
+
 def cmd_grid(args: argparse.Namespace) -> None:
     from lcm.evals.grid import GridSpec, run_grid
 
@@ -216,6 +226,8 @@ def cmd_grid(args: argparse.Namespace) -> None:
         ropes=tuple(args.rope or ["none"]),
         policies=tuple(args.policy or ["full"]),
         budgets=tuple(args.budget),
+        compression_ratios=tuple(args.compression_ratio),
+        question_apart=args.question_apart,
         num_samples=args.samples,
         seed=args.seed,
         depths=tuple(args.depths) if args.depths else None,
@@ -360,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rope", action="append", help="a RoPE spec; repeat the flag to compare several")
     p.add_argument("--policy", action="append", help="a KV policy NAME[:k=v,...]; repeat the flag for several")
     p.add_argument("--budget", type=_budgets, default=[0], help="KV budgets in tokens (0 = full cache)")
+    p.add_argument(
+        "--compression-ratio",
+        type=_ratios,
+        default=[],
+        help="kvpress's compression ratios r, comma-separated: a policy keeps int(n * (1 - r)) of n prompt tokens",
+    )
+    p.add_argument(
+        "--question-apart",
+        action="store_true",
+        help="append each task's question after compression, uncompressed (kvpress); default: compress it too",
+    )
     p.add_argument("--samples", type=int, default=5, help="samples per (task, length)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--depths", type=_float_list, default=None, help="needle depths cycled over samples")

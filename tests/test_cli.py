@@ -39,6 +39,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
         (["eval", "lines", "--trials", "2"], "exactly one of --lengths"),
         (["eval", "lines", "--lengths", "512", "--num-lines", "5"], "exactly one of --lengths"),
         (["eval", "lines", "--num-lines", "5", "--depth", "2"], "--depth=2"),
+        (["eval", "grid", "--tasks", "vt", "--lengths", "512", "--compression-ratio", "0.5", "--out", "x"], "`full`"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(
@@ -60,10 +61,21 @@ def test_corrupt_gguf_is_a_one_line_error(capsys: pytest.CaptureFixture[str], tm
     assert "bad.gguf" in err and len(err.strip().splitlines()) == 1
 
 
-def test_argparse_rejects_bad_lists(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "passkey", "--lengths", "1k"],
+        ["eval", "grid", "--tasks", "vt", "--lengths", "512", "--out", "x", "--compression-ratio", "1"],
+        ["eval", "grid", "--tasks", "vt", "--lengths", "512", "--out", "x", "--compression-ratio", "half"],
+        ["eval", "grid", "--tasks", "vt", "--lengths", "512", "--out", "x", "--compression-ratio", "nan"],
+    ],
+)
+def test_argparse_rejects_bad_lists(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["eval", "passkey", "--lengths", "1k"])
+        cli.main(argv)
     assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage, then its one-line error
+    assert "error: argument" in last and ("--compression-ratio" in last) == ("--compression-ratio" in argv)
 
 
 def test_configs_load_and_override() -> None:

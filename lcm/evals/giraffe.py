@@ -70,6 +70,7 @@ LINE = "line {line_id}: REGISTER_CONTENT is <{value}>\n"
 LINES_QUESTION = (
     "\nNow the record is over. Tell me what is the <REGISTER_CONTENT> in line {line_id}? I need the number."
 )
+LINES_QUESTION_START = "Now the record is over."  # where the question starts
 LINES_ANSWER_PREFIX = "line {line_id}: REGISTER_CONTENT is"
 LINES_MAX_VALUE = 50000  # LongChat: random.randint(1, 50000)
 LINES_MAX_NEW_TOKENS = 16
@@ -110,6 +111,7 @@ QA_INSTRUCTION = (
     "single word or a number or a short phrase of few words"
 )
 QA_PROMPT = "{instruction}\n\nDocument:\n{document}\n\nQuestion:\n{question}"
+QA_QUESTION = "Question:\n"  # where the question starts (its last occurrence)
 QA_ANSWER_PREFIX = "Answer:"
 QA_MAX_NEW_TOKENS = 32
 POSITIONS: dict[str, tuple[float, float]] = {"start": (0.0, 0.1), "middle": (0.1, 0.9), "end": (0.9, 1.0)}
@@ -139,6 +141,7 @@ def _lines_text(ids: Sequence[str], values: Sequence[int], num_lines: int, depth
 
 
 def _lines_sample(
+    tokenizer: Any,
     ids: Sequence[str],
     values: Sequence[int],
     num_lines: int,
@@ -148,6 +151,7 @@ def _lines_sample(
     index: int,
 ) -> tasks.Sample:
     _, _, at = _lines_text(ids, values, num_lines, depth)
+    start = tasks.question_start(tokenizer, token_ids, LINES_QUESTION_START)
     return tasks.Sample(
         task="lines",
         length=length,
@@ -158,6 +162,7 @@ def _lines_sample(
         max_new_tokens=LINES_MAX_NEW_TOKENS,
         depth=depth,
         meta={"num_lines": num_lines, "line_index": at, "line_id": ids[0]},
+        question_start=start,
     )
 
 
@@ -181,7 +186,7 @@ def generate_lines(
             return tasks.render(tokenizer, prompt, prefix, chat)
 
         extra, token_ids = tasks.fit_to_length(build, length, "lines", max_units=len(ids) - 1)
-        samples.append(_lines_sample(ids, values, extra + 1, depth, token_ids, length, index))
+        samples.append(_lines_sample(tokenizer, ids, values, extra + 1, depth, token_ids, length, index))
     return samples
 
 
@@ -203,7 +208,7 @@ def lines_prompt(
         raise ValueError(f"depth={depth} must lie in [0, 1]")
     prompt, prefix, _ = _lines_text(ids, values, num_lines, depth)
     token_ids = tasks.render(tokenizer, prompt, prefix, chat)
-    return _lines_sample(ids, values, num_lines, depth, token_ids, len(token_ids), index)
+    return _lines_sample(tokenizer, ids, values, num_lines, depth, token_ids, len(token_ids), index)
 
 
 @functools.cache
@@ -335,6 +340,7 @@ def _qa_samples(
                 max_new_tokens=QA_MAX_NEW_TOKENS,
                 depth=actual_depth,
                 meta=meta,
+                question_start=tasks.question_start(tokenizer, token_ids, QA_QUESTION),
             )
         )
     return samples

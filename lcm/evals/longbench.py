@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from lcm.evals.metrics import METRICS
-from lcm.evals.tasks import Sample, render
+from lcm.evals.tasks import Sample, question_start, render
 
 DEFAULT_TEMPLATE_FILE = Path(__file__).parent / "templates" / "longbench.json"
 
@@ -335,6 +335,9 @@ def build_samples(
             "prompt_tokens": len(ids),
             "cut_tokens": cut,
         }
+        # the question: the template's text after the context (its instruction and the record's input)
+        after = template.prompt.split("{context}", 1)[1] if "{context}" in template.prompt else ""
+        anchor = after.replace("{input}", record.input).strip()
         samples.append(
             Sample(
                 task=record.task,
@@ -345,6 +348,7 @@ def build_samples(
                 metric=template.metric,
                 max_new_tokens=template.max_new_tokens,
                 meta=meta,
+                question_start=question_start(tokenizer, ids, anchor),
             )
         )
     return samples, skipped

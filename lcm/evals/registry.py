@@ -6,12 +6,13 @@ the same way. File-based suites (LongBench/InfiniteBench JSONL) are not generate
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
 
 from lcm.evals import giraffe, niah, passkey, ruler, texts
-from lcm.evals.tasks import Sample, TaskGenerator, sample_depths, sample_rng
+from lcm.evals.tasks import Sample, TaskGenerator, question_start, sample_depths, sample_rng
 
 
 def passkey_samples(
@@ -29,7 +30,8 @@ def passkey_samples(
         key = int(sample_rng("passkey", length, seed, index).integers(10000, 100000))
         prompt = passkey.build_prompt(tokenizer, length, key, depth)
         ids = tuple(prompt.ids)
-        samples.append(Sample("passkey", length, index, ids, (str(key),), "first_integer", 12, depth, {"key": key}))
+        sample = Sample("passkey", length, index, ids, (str(key),), "first_integer", 12, depth, {"key": key})
+        samples.append(dataclasses.replace(sample, question_start=question_start(tokenizer, ids, passkey.QUESTION)))
     return samples
 
 
@@ -50,19 +52,14 @@ def niah_samples(
     del seed  # one fixed needle and haystack: samples differ by depth only
     task = niah.NeedleTask()
     hay = list(_prose_ids(tokenizer))
-    return [
-        Sample(
-            "niah",
-            length,
-            index,
-            tuple(niah.build_prompt(tokenizer, hay, length, depth, task, chat)),
-            (task.answer,),
-            "word_recall",
-            task.max_new_tokens,
-            depth,
+    samples = []
+    for index, depth in enumerate(sample_depths(num_samples, depths)):
+        ids = tuple(niah.build_prompt(tokenizer, hay, length, depth, task, chat))
+        start = question_start(tokenizer, ids, task.question)
+        samples.append(
+            Sample("niah", length, index, ids, (task.answer,), "word_recall", task.max_new_tokens, depth, {}, start)
         )
-        for index, depth in enumerate(sample_depths(num_samples, depths))
-    ]
+    return samples
 
 
 TASKS: dict[str, TaskGenerator] = {

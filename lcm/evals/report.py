@@ -17,18 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from lcm.evals.grid import RESULTS, method_label, read_results
+from lcm.evals.grid import RESULTS, read_results, row_label
 
 
 def _methods_of(rows: Sequence[dict[str, Any]]) -> list[str]:
-    return list(dict.fromkeys(method_label(r["rope"], r["policy"], r["budget"]) for r in rows))
+    return list(dict.fromkeys(row_label(r) for r in rows))
 
 
 def score_table(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[int, tuple[float, int]]]]:
     """``{task: {method: {length: (mean score, samples)}}}``."""
     cells: dict[tuple[str, str, int], list[float]] = collections.defaultdict(list)
     for r in rows:
-        cells[(r["task"], method_label(r["rope"], r["policy"], r["budget"]), r["length"])].append(r["score"])
+        cells[(r["task"], row_label(r), r["length"])].append(r["score"])
     table: dict[str, dict[str, dict[int, tuple[float, int]]]] = {}
     for (task, method, length), scores in cells.items():
         table.setdefault(task, {}).setdefault(method, {})[length] = (float(np.mean(scores)), len(scores))
@@ -80,31 +80,45 @@ def markdown(rows: Sequence[dict[str, Any]], threshold: float = 0.856) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _setting(row: dict[str, Any]) -> tuple[int, float]:
+    """A row's compression setting, sortable: ``(0, 0)`` the full cache, ``(1, budget)`` a budget in tokens,
+    ``(2, ratio)`` a compression ratio."""
+    if row.get("compression_ratio") is not None:
+        return (2, row["compression_ratio"])
+    return (1, row["budget"]) if row["budget"] > 0 else (0, 0)
+
+
+def _setting_header(setting: tuple[int, float], length: int) -> str:
+    kind, value = setting
+    return f"r={value:g}" if kind == 2 else f"{value} ({value / length:.0%})"
+
+
 def budget_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Mean score x 100 per KV policy (rows) and task x budget (columns), one table per length, the budget also
-    as a share of the length; the full cache (budget 0) is one row whose score stands under every budget. Empty
-    when the grid has no budgets."""
-    budgets = sorted({r["budget"] for r in rows if r["budget"] > 0})
-    if not budgets:
+    """Mean score x 100 per KV policy (rows) and task x budget (columns), one table per length, a budget in tokens
+    also as a share of the length, a compression ratio as ``r=...``; the full cache is one row whose score stands
+    under every budget. Empty when the grid has no budgets."""
+    settings = sorted({_setting(r) for r in rows} - {(0, 0)})
+    if not settings:
         return ""
-    scores: dict[tuple[str, str, int, int], list[float]] = collections.defaultdict(list)
+    scores: dict[tuple[str, str, int, tuple[int, float]], list[float]] = collections.defaultdict(list)
     for r in rows:
         policy = r["policy"] if r["rope"] in ("none", "", "default") else f"{r['rope']} {r['policy']}"
-        scores[(policy, r["task"], r["length"], r["budget"])].append(r["score"])
+        policy += ", question apart" if r.get("question_apart") else ""
+        scores[(policy, r["task"], r["length"], _setting(r))].append(r["score"])
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     policies = list(dict.fromkeys(key[0] for key in scores))
     parts = []
     for length in sorted({r["length"] for r in rows}):
-        if not any(key[2] == length and key[3] > 0 for key in scores):
+        if not any(key[2] == length and key[3] != (0, 0) for key in scores):
             continue
-        header = " | ".join(f"{t} {b} ({b / length:.0%})" for t in tasks for b in budgets)
-        lines = [f"### Score versus KV budget at {length} tokens (x 100; budget in tokens and share)", ""]
-        lines += [f"| policy | {header} |", "|---" * (len(tasks) * len(budgets) + 1) + "|"]
+        header = " | ".join(f"{t} {_setting_header(b, length)}" for t in tasks for b in settings)
+        lines = [f"### Score versus KV budget at {length} tokens (x 100; budget in tokens and share, or ratio)", ""]
+        lines += [f"| policy | {header} |", "|---" * (len(tasks) * len(settings) + 1) + "|"]
         for policy in policies:
             cells = []
             for t in tasks:
-                for b in budgets:
-                    got = scores.get((policy, t, length, b)) or scores.get((policy, t, length, 0))
+                for b in settings:
+                    got = scores.get((policy, t, length, b)) or scores.get((policy, t, length, (0, 0)))
                     cells.append(f"{100 * np.mean(got):.0f}" if got else "")
             if any(cells):
                 lines.append(f"| {policy} | " + " | ".join(cells) + " |")
@@ -123,7 +137,7 @@ def cost_table(rows: Sequence[dict[str, Any]]) -> str:
     lengths = sorted({r["length"] for r in rows})
     cells: dict[tuple[str, int], list[dict[str, Any]]] = collections.defaultdict(list)
     for r in rows:
-        cells[(method_label(r["rope"], r["policy"], r["budget"]), r["length"])].append(r)
+        cells[(row_label(r), r["length"])].append(r)
     header = "| method | " + " | ".join(f"{n}: KV MiB / prefill s / decode ms/token" for n in lengths) + " |"
     title = (
         "### Cost per sample (medians over samples and tasks; wall time, leaving out samples whose run compiled or "
@@ -195,7 +209,7 @@ def _plot(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
             for method in methods:
                 cells: dict[tuple[float, int], list[float]] = collections.defaultdict(list)
                 for r in depth_rows:
-                    if method_label(r["rope"], r["policy"], r["budget"]) == method:
+                    if row_label(r) == method:
                         cells[(round(r["depth"], 2), r["length"])].append(r["score"])
                 grid = np.array(
                     [[np.mean(cells[(d, n)]) if cells[(d, n)] else np.nan for n in lengths] for d in depths]
@@ -236,24 +250,27 @@ def _plot(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
 
 
 def _plot_budgets(plt: Any, out: Path, rows: Sequence[dict[str, Any]]) -> Path | None:
-    """Score (mean over lengths) versus KV budget, one line per policy and panel per task; the full cache dashed."""
+    """Score (mean over lengths) versus KV budget in tokens, one line per policy (and question setting) and panel
+    per task; the full cache dashed. Rows run at a compression ratio are in the tables only."""
+    rows = [r for r in rows if r.get("compression_ratio") is None]
     budgets = sorted({r["budget"] for r in rows if r["budget"] > 0})
     if not budgets:
         return None
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        by: dict[tuple[str, str, int], list[float]] = collections.defaultdict(list)
+        by: dict[tuple[str, str, bool, int], list[float]] = collections.defaultdict(list)
         for r in rows:
             if r["task"] == task:
-                by[(r["rope"], r["policy"], r["budget"])].append(r["score"])
-        for rope, policy in dict.fromkeys((k[0], k[1]) for k in by):
-            label = method_label(rope, policy, 1).split(", ")[-1] if policy != "full" else f"{rope} full"
+                by[(r["rope"], r["policy"], bool(r.get("question_apart")), r["budget"])].append(r["score"])
+        for rope, policy, apart in dict.fromkeys(k[:3] for k in by):
+            label = policy if rope in ("none", "", "default") else f"{rope} {policy}"
+            label += " (question apart)" if apart else ""
             if policy == "full":
-                ax.axhline(np.mean(by[(rope, policy, 0)]), linestyle="--", color="gray", label=label)
+                ax.axhline(np.mean(by[(rope, policy, apart, 0)]), linestyle="--", color="gray", label=label)
                 continue
-            xs = [b for b in budgets if (rope, policy, b) in by]
-            ax.plot(xs, [np.mean(by[(rope, policy, b)]) for b in xs], marker="o", label=label.split("@")[0])
+            xs = [b for b in budgets if (rope, policy, apart, b) in by]
+            ax.plot(xs, [np.mean(by[(rope, policy, apart, b)]) for b in xs], marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.set_ylim(-0.05, 1.05)

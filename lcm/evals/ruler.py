@@ -122,6 +122,8 @@ class RulerTask:
     draw: Draw
     metric: str = "string_match_all"
     max_new_tokens: int = 128  # RULER's tokens_to_generate
+    # where the question starts: kvpress's pattern for the task (NIAH: "What (?:is|are all) the special magic")
+    question: tuple[str, ...] = ("What are all the special magic", "What is the special magic")
 
     def __call__(
         self,
@@ -146,7 +148,8 @@ class RulerTask:
         )
         meta = {"units": units, **planted.meta(units)}
         sample = Sample(self.name, length, index, tuple(ids), planted.references, self.metric, self.max_new_tokens)
-        return dataclasses.replace(sample, depth=planted.depth, meta=meta)
+        start = tasks.question_start(tokenizer, ids, self.question)
+        return dataclasses.replace(sample, depth=planted.depth, meta=meta, question_start=start)
 
 
 def _plant(units: Sequence[str], items: Sequence[tuple[float, str]]) -> tuple[list[str], list[int], list[int]]:
@@ -384,10 +387,10 @@ TASKS: dict[str, RulerTask] = {
     "niah_multikey_3": RulerTask("niah_multikey_3", _niah(NiahConfig("needle", key_kind="uuids", value_kind="uuids"))),
     "niah_multivalue": RulerTask("niah_multivalue", _niah(NiahConfig("essay", num_values=4))),
     "niah_multiquery": RulerTask("niah_multiquery", _niah(NiahConfig("essay", num_queries=4))),
-    "vt": RulerTask("vt", _vt(hops=4), max_new_tokens=30),
-    "cwe": RulerTask("cwe", _cwe, max_new_tokens=120),
-    "fwe": RulerTask("fwe", _fwe, max_new_tokens=50),
-    "qa": RulerTask("qa", _qa, metric="string_match_part", max_new_tokens=32),
+    "vt": RulerTask("vt", _vt(hops=4), max_new_tokens=30, question=("Question: Find all variables",)),
+    "cwe": RulerTask("cwe", _cwe, max_new_tokens=120, question=("Question: What are the 10 most common words",)),
+    "fwe": RulerTask("fwe", _fwe, max_new_tokens=50, question=("Question: Do not provide any explanation",)),
+    "qa": RulerTask("qa", _qa, "string_match_part", 32, question=(f"{QA_INSTRUCTION}\n\nQuestion:",)),
 }
 
 

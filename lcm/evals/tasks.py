@@ -33,6 +33,9 @@ class Sample:
     max_new_tokens: int  # generation budget for this task
     depth: float | None = None  # where the (first) planted item sits, as a fraction of the haystack
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # JSON-able extras (keys, hops, ...)
+    # where the question starts in ``ids`` (it, the chat template's end of turn and the answer prefix follow the
+    # context): the split kvpress's question-apart evaluation uses (:func:`question_start`); None: not located
+    question_start: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -68,6 +71,28 @@ def sample_depths(num_samples: int, depths: Sequence[float] | None) -> list[floa
     if num_samples == 1:
         return [0.5]
     return [float(d) for d in np.linspace(0.0, 1.0, num_samples)]
+
+
+def question_start(tokenizer: Any, ids: Sequence[int], anchor: str | tuple[str, ...]) -> int | None:
+    """Index of the first token of a prompt's question: the token holding the first character of the last
+    ``anchor`` (or the last of any of several) in the prompt's text; kvpress splits its RULER prompts the same
+    way, at each task's question pattern. What precedes is the context; the question, the chat template's end of
+    turn and the answer prefix follow. None when the text lacks ``anchor`` (a middle-truncated prompt can lose
+    it) or does not encode back to ``ids`` (then no split is exact); a run that needs the split says so before
+    any compute."""
+    token_at = getattr(tokenizer, "token_at", None)
+    anchors = [a for a in ((anchor,) if isinstance(anchor, str) else anchor) if a]
+    if token_at is None or not anchors:
+        return None
+    text = tokenizer.decode(list(ids), skip_special=False)
+    at = max(text.rfind(a) for a in anchors)
+    if at < 0:
+        return None
+    try:
+        first = token_at(ids, at)
+    except ValueError:
+        return None
+    return first if 0 < first < len(ids) else None
 
 
 def render(tokenizer: Any, prompt: str, answer_prefix: str, chat: bool = True) -> list[int]:

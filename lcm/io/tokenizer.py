@@ -352,6 +352,21 @@ class TextTokenizer:
             ids = [*ids, self.eos_id]
         return ids
 
+    def token_at(self, ids: Sequence[int], char: int) -> int:
+        """The index in ``ids`` of the token that holds character ``char`` of their text (``decode(ids,
+        skip_special=False)``), or the first token after it; a ValueError when the text does not encode back to
+        ``ids`` (then no character maps to a token)."""
+        text = self.decode(ids, skip_special=False)
+        if not 0 <= char <= len(text):
+            raise ValueError(f"char={char} lies outside the prompt's text of {len(text)} characters")
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = list(ids)
+        shift = 0 if encoding.ids == ids else 1 if ids[:1] == [self.bos_id] and encoding.ids == ids[1:] else None
+        if shift is None:
+            raise ValueError("the prompt's text does not encode back to its ids: cannot map a character to a token")
+        ends = [end for _, end in encoding.offsets]
+        return shift + next((i for i, end in enumerate(ends) if end > char), len(ends))
+
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """The text of `ids`; special tokens dropped when `skip_special`."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)

@@ -105,7 +105,7 @@ def test_policies_and_budgets_are_cells_of_the_grid(tmp_path, tiny_model_loader)
     spec = _spec(
         tmp_path, tasks=("passkey",), lengths=(512,), policies=("full", "streamingllm:sinks=4", "h2o"), budgets=(0, 96)
     )
-    assert spec.methods() == [("none", "full", 0), ("none", "streamingllm:sinks=4", 96), ("none", "h2o", 96)]
+    assert [m.label for m in spec.methods()] == ["none", "none, streamingllm:sinks=4@96", "none, h2o@96"]
     grid.run_grid(spec, log=lambda _: None)
     rows = grid.read_results(spec.out_dir)
     assert len(rows) == 6
@@ -270,3 +270,130 @@ def test_cost_table_leaves_out_samples_that_compiled() -> None:
     rows += [row(7.0, 2.0, 8192)]  # a cell of compiling samples only keeps them
     text = report.cost_table(rows)
     assert "| none | 1.0 / 1.50 / 15 | 1.0 / 6.00 / 60 | 1.0 / 7.00 / 70 |" in text
+
+
+def test_every_generated_task_marks_where_its_question_starts(tokenizer) -> None:
+    """Each task's prompt splits into context and question at the question's first token, as kvpress splits its
+    RULER prompts: the question text starts the second part, and the context holds none of it."""
+    from lcm.evals import giraffe, niah, passkey, ruler
+    from lcm.evals.registry import TASKS
+
+    questions = {"passkey": passkey.QUESTION, "niah": niah.QUESTION, "lines": giraffe.LINES_QUESTION_START}
+    questions |= {"freeform_qa": "Question:\n", "altered_numeric_qa": "Question:\n"}
+    for name, task in TASKS.items():
+        for chat in (True, False):
+            sample = task(tokenizer, 1500, 1, seed=3, chat=chat)[0]
+            at = sample.question_start
+            assert at is not None and 0 < at < len(sample.ids), (name, chat)
+            question = tokenizer.decode(sample.ids[at:], skip_special=False)
+            context = tokenizer.decode(sample.ids[:at], skip_special=False)
+            starts = questions.get(name) or ruler.TASKS[name].question
+            starts = (starts,) if isinstance(starts, str) else starts
+            assert question.lstrip().startswith(starts), (name, chat, question[:60])
+            assert not any(s in question[1:] for s in starts)  # the last occurrence: none inside the question
+            assert sample.references[0] not in question  # the answer lies in the context
+            assert len(context) > 3 * len(question)
+
+
+def test_question_start_is_none_where_the_text_does_not_encode_back(tokenizer) -> None:
+    from lcm.evals.tasks import question_start
+
+    ids = tokenizer.encode("Some context here. What is the pass key? The pass key is", add_special=False)
+    at = question_start(tokenizer, ids, "What is")
+    assert tokenizer.decode(ids[at:]) == " What is the pass key? The pass key is"  # " What" is one token
+    assert tokenizer.decode(ids[:at]) == "Some context here."
+    assert question_start(tokenizer, ids, "Nowhere") is None
+    byte_split = tokenizer.encode("𝔸", add_special=False)  # one character over several byte tokens
+    assert len(byte_split) > 1
+    mangled = ids[:3] + byte_split[:1] + ids[3:]  # half a character: decodes to U+FFFD, re-encodes differently
+    assert question_start(tokenizer, mangled, "What is") is None
+
+
+def test_compression_ratio_and_question_apart_run_as_kvpress_does(tmp_path, tiny_model_loader, monkeypatch) -> None:
+    """A ratio keeps int(n * (1 - r)) of the n compressed tokens (the context alone with the question apart), the
+    question is fed after compression, and the rows say which setting produced them."""
+    calls = []
+    original = Engine.generate
+
+    def recording(self, tokens, max_new_tokens, stop_ids=(), question=None):
+        calls.append((self.policy.budget, tokens.shape[1], None if question is None else question.shape[1]))
+        return original(self, tokens, max_new_tokens, stop_ids, question=question)
+
+    monkeypatch.setattr(Engine, "generate", recording)
+    spec = _spec(
+        tmp_path,
+        tasks=("passkey",),
+        lengths=(512,),
+        policies=("snapkv", "h2o"),
+        budgets=(0,),
+        compression_ratios=(0.5,),
+        question_apart=True,
+    )
+    grid.run_grid(spec, log=lambda _: None)
+    rows = grid.read_results(spec.out_dir)
+    assert len(rows) == 4 and all(r["compression_ratio"] == 0.5 and r["question_apart"] for r in rows)
+    for r in rows:
+        context = r["n_tokens"] - r["question_tokens"]
+        assert r["question_tokens"] > 5 and r["budget"] == int(context * 0.5)
+        assert (r["budget"], context, r["question_tokens"]) in calls
+    text = (tmp_path / "grid" / "results.md").read_text()
+    assert "| none, snapkv@r=0.5, question apart |" in text and "passkey r=0.5" in text
+
+
+def test_a_resumed_grid_reuses_only_rows_of_the_same_settings(tmp_path, tiny_model_loader) -> None:
+    """Rows computed with another chat setting, dtype, chunk size or compression setting are not reused."""
+    base = _spec(tmp_path, tasks=("niah_single_1",), policies=("full", "snapkv"), budgets=(0, 128))
+    grid.run_grid(base, log=lambda _: None)
+    assert len(grid.read_results(base.out_dir)) == 4
+    for changed in ({"chat": False}, {"chunk_size": 64}, {"question_apart": True}, {"depths": (0.3,)}):
+        logged: list[str] = []
+        before = len(grid.read_results(base.out_dir))
+        grid.run_grid(
+            _spec(
+                tmp_path,
+                **({"tasks": ("niah_single_1",), "policies": ("full", "snapkv"), "budgets": (0, 128)} | changed),
+            ),
+            log=logged.append,
+        )
+        assert len(grid.read_results(base.out_dir)) == before + 4, changed
+        assert not any("resuming" in line for line in logged), changed
+
+
+def test_a_ratio_too_small_for_a_policy_fails_before_any_compute(tmp_path, tiny_model_loader, monkeypatch) -> None:
+    monkeypatch.setattr(Engine, "generate_many", lambda *a, **k: pytest.fail("ran before validating"))
+    spec = _spec(tmp_path, tasks=("passkey",), policies=("snapkv",), budgets=(0,), compression_ratios=(0.95,))
+    with pytest.raises(ValueError, match=r"compression ratio 0.95 of 'snapkv': snapkv: budget=1[0-9] is smaller"):
+        grid.run_grid(spec, log=lambda _: None)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"policies": ("snapkv",), "compression_ratios": (1.0,)}, "strictly between 0 and 1"),
+        ({"policies": ("snapkv",), "compression_ratios": (0.0,)}, "strictly between 0 and 1"),
+        ({"compression_ratios": (0.5,)}, "need a KV policy other than `full`"),
+    ],
+)
+def test_bad_compression_ratios_are_one_line_errors(tmp_path, overrides, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        _spec(tmp_path, **overrides)
+
+
+def test_the_budget_table_has_a_column_per_ratio() -> None:
+    def row(policy: str, budget: int, ratio: float | None, score: float) -> dict:
+        return dict(
+            task="qa",
+            length=4096,
+            rope="none",
+            policy=policy,
+            budget=budget,
+            compression_ratio=ratio,
+            question_apart=ratio is not None,
+            score=score,
+        )
+
+    rows = [row("full", 0, None, 1.0), row("snapkv", 1000, 0.75, 0.5), row("snapkv", 1010, 0.75, 0.0)]
+    rows += [row("snapkv", 256, None, 0.25)]
+    text = report.budget_table(rows)
+    assert "| policy | qa 256 (6%) | qa r=0.75 |" in text
+    assert "| snapkv, question apart |  | 25 |" in text and "| snapkv | 25 |  |" in text
