@@ -12,6 +12,9 @@ medians over ``--reps``. Measured, on the real SmolLM2 (float32, the default att
   the persistent cache off;
 - ``policy P``: the same prompt under KV policy ``P`` at budget ``--budget``: the second of two ``generate``
   calls, its prefill seconds and decode ms/token (the Engine's own timers);
+- ``locret labels``: Locret's labelling forward (features and CIS labels of a ``--length``-token prompt and a
+  128-token answer, :func:`lcm.train.locret_labels.make_example_fn`): the second call's seconds and the first
+  call's extra (compiling);
 - ``quickstart compile``: ``lcm run configs/quickstart.py`` with one passkey trial (the same programs as the full
   run: what compiles depends on shapes, not on the number of trials) into an empty compilation cache, and the
   compile seconds the CLI reports.
@@ -62,6 +65,35 @@ def _policy_cell(policy: str, budget: int, length: int, new_tokens: int) -> dict
     return out
 
 
+def _locret_cell(length: int, answer: int) -> dict[str, Any]:
+    """Runs in the child: the labelling forward of one sample, whichever signature the tree's module has."""
+    import inspect
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from lcm.io.checkpoints import load_model
+    from lcm.train import locret_labels
+
+    sys.path.insert(0, str(HERE.parent))
+    from cpu_inference import prompt_tokens
+
+    model, tokenizer = load_model("smollm2", progress=False)
+    tokens = jnp.asarray([prompt_tokens(tokenizer, length + answer)], jnp.int32)
+    if len(inspect.signature(locret_labels.backbone_of).parameters) == 2:  # before the model's own forward
+        backbone = locret_labels.backbone_of(model, length + answer)
+    else:
+        backbone = locret_labels.backbone_of(model)
+    example = locret_labels.make_example_fn(length)
+    seconds = []
+    for _ in range(2):  # the first compiles
+        started = time.perf_counter()
+        out = jax.block_until_ready(example(backbone, tokens))
+        seconds.append(time.perf_counter() - started)
+    return {"forward_s": seconds[1], "compile_s": seconds[0] - seconds[1], "cis_mean": float(out.cis.mean())}
+
+
 def _child(tree: Path, args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     environment = os.environ | {"PYTHONPATH": str(tree.resolve())} | (env or {})
     result = subprocess.run(args, cwd=tree, env=environment, capture_output=True, text=True, check=False)
@@ -83,6 +115,9 @@ def measure(tree: Path, cell: str, opts: argparse.Namespace) -> dict[str, Any]:
     if cell.startswith("policy "):
         policy = cell.split(" ", 1)[1]
         cmd = [sys.executable, str(HERE), "--child-policy", policy, str(opts.budget), str(opts.length)]
+        return json.loads(_child(tree, cmd).stdout.strip().splitlines()[-1])
+    if cell == "locret labels":
+        cmd = [sys.executable, str(HERE), "--child-locret", str(opts.length)]
         return json.loads(_child(tree, cmd).stdout.strip().splitlines()[-1])
     if cell == "quickstart compile":
         with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
@@ -112,10 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--policies", default="streamingllm,snapkv,h2o,tokenselect,infinipot")
-    parser.add_argument("--cells", default="model,policies,quickstart compile")
+    parser.add_argument("--cells", default="model,policies,quickstart compile", help="and: locret labels")
     parser.add_argument("--json", type=Path, default=None, help="write every run here")
     parser.add_argument("--child-policy", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child-locret", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child_locret:
+        print(json.dumps(_locret_cell(args.child_locret, 128)))
+        return 0
     if args.child_policy:
         policy, budget, length = args.child_policy
         print(json.dumps(_policy_cell(policy, int(budget), int(length), 16)))
@@ -139,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for cell, sides in runs.items():
         equal = all(r.get("tokens") == sides["before"][0].get("tokens") for side in sides.values() for r in side)
-        for key in ("prefill_s", "decode_ms", "compile_s"):
+        for key in ("prefill_s", "decode_ms", "forward_s", "compile_s"):
             if key not in sides["before"][0]:
                 continue
             before = statistics.median(r[key] for r in sides["before"])

@@ -24,3 +24,12 @@ def test_the_engine_and_the_steps_read_no_policy_flag_and_no_policy_name(module:
     imports = re.findall(r"^from lcm\.cache\.(\w+) import", source, re.MULTILINE)
     assert not names, f"{module} names policies {names}"
     assert set(imports) <= {"kv", "hooks", "policies"}, f"{module} imports a particular policy: {imports}"
+
+
+def test_locret_labels_come_from_the_models_own_forward() -> None:
+    """Locret's labelling pass records through a hook in the model's training forward: no layer loop, projection,
+    rotation or attention call of its own (shared architecture: "Locret's label pass uses the model's forward")."""
+    source = (ROOT / "train" / "locret_labels.py").read_text()
+    own = [call for call in ("project_qkv", "apply_rope", "attention(", "lax.scan", ".mlp(") if call in source]
+    assert not own, f"locret_labels.py runs parts of the model itself: {own}"
+    assert "train_forward(" in source

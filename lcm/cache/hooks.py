@@ -77,6 +77,13 @@ class LayerHooks:
         del view
         return attend_all(), state
 
+    def record_forward(self, view: LayerView) -> Any:
+        """What the layer returns beside its output in the training forward (no state: ``view.keys`` and
+        ``view.values`` are the tokens' own rotated keys and values, ``view.start`` 0): a pytree the model stacks
+        over layers (a labelling pass's features and labels, Locret's), or None, the plain layer's."""
+        del view
+        return None
+
     def chunk_logits(
         self,
         model: Any,

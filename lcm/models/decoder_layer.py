@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -81,12 +82,13 @@ def decoder_layer(
     x: Float[Array, "B T D"],
     state: LayerCache | None,
     inputs: LayerInputs,
-) -> tuple[Float[Array, "B T D"], LayerCache | None]:
+) -> tuple[Float[Array, "B T D"], LayerCache | Any]:
     """One pre-norm decoder layer over ``T`` new tokens: ``(x, state) -> (x, state)``.
 
     With ``state=None`` it is the training layer: the tokens attend to each other's fresh keys and values under
-    ``inputs.mask``. With a state the new keys and values go into slots ``state.length…`` of its buffer and the
-    queries attend to everything filled. Jitted on its own: the layers of a model share one trace and one lowered
+    ``inputs.mask``, and the second output is what ``settings.hooks.record_forward`` returns (None by default).
+    With a state the new keys and values go into slots ``state.length…`` of its buffer and the queries attend to
+    everything filled. Jitted on its own: the layers of a model share one trace and one lowered
     function inside the model's program (XLA inlines the calls), so tracing and lowering the model costs one layer,
     not 30 — what a second run, whose XLA compilation comes from the disk cache, still pays.
 
@@ -97,11 +99,30 @@ def decoder_layer(
     block = nnx.merge(graphdef, params)
     q_pre, k_pre, v = block.attn.project_qkv(block.input_norm(x))
     q = rotary.rotate(q_pre, *inputs.rotation)
-    if state is None:  # the training layer: no buffer, nothing recorded
-        k = rotary.rotate(k_pre, *inputs.rotation)
-        attn = _attend(settings, q, k.swapaxes(1, 2), v.swapaxes(1, 2), inputs.mask)
+    if state is None:  # the training layer: no buffer; what the hooks record is returned in the state's place
+        keys, values = rotary.rotate(k_pre, *inputs.rotation).swapaxes(1, 2), v.swapaxes(1, 2)
+        attn = _attend(settings, q, keys, values, inputs.mask)
+        record = settings.hooks.record_forward(
+            LayerView(
+                q=q,
+                q_pre=q_pre,
+                k_pre=k_pre,
+                v=v,
+                keys=keys,
+                stored_keys=keys,
+                values=values,
+                mask=inputs.mask,
+                start=jnp.zeros((), jnp.int32),
+                num_valid=inputs.num_valid,
+                observers=None,
+                inv_freq=inputs.inv_freq,
+                attention_factor=inputs.attention_factor,
+                module=block,
+                keys_pre_rope=False,
+            )
+        )
         x = x + block.attn.output(attn)
-        return x + block.mlp(block.post_attention_norm(x)), None
+        return x + block.mlp(block.post_attention_norm(x)), record
 
     start = state.length
     k = k_pre if settings.keys_pre_rope else rotary.rotate(k_pre, *inputs.rotation)

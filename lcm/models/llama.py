@@ -360,7 +360,23 @@ class Llama(nnx.Module):
         remat: bool = False,
         scan: bool = False,
     ) -> Float[Array, "B T D"]:
-        """The training forward: no cache, fresh keys and values, differentiable; final hidden states ``[B, T, D]``.
+        """The training forward's final hidden states ``[B, T, D]`` (:meth:`train_forward`, recording nothing)."""
+        hidden, _ = self.train_forward(tokens, positions, segment_ids, remat=remat, scan=scan)
+        return hidden
+
+    def train_forward(
+        self,
+        tokens: Int[Array, "B T"],
+        positions: Int[Array, "B T"],
+        segment_ids: Int[Array, "B T"] | None = None,
+        *,
+        hooks: LayerHooks | None = None,
+        remat: bool = False,
+        scan: bool = False,
+    ) -> tuple[Float[Array, "B T D"], Any]:
+        """The training forward: no cache, fresh keys and values, differentiable; final hidden states ``[B, T, D]``
+        and what ``hooks`` record in each layer (:meth:`lcm.cache.hooks.LayerHooks.record_forward`), stacked over
+        the layers on a leading axis (None when they record nothing, or ``hooks`` is None).
 
         ``segment_ids`` packs documents into a row: a token attends only to earlier tokens of its own document
         (causal by index within the row, and by document); ``positions`` may run on across documents or restart in
@@ -381,12 +397,12 @@ class Llama(nnx.Module):
             mask &= masks.documents(segment_ids, segment_ids)
         if cfg.sliding_window is not None:
             mask &= masks.sliding_window(cfg.sliding_window)
-        settings = LayerSettings(attention=_attention_settings(cfg, decode=False))
+        settings = LayerSettings(attention=_attention_settings(cfg, decode=False), hooks=hooks or LayerHooks())
         num_valid = jnp.int32(seq)
         inputs = LayerInputs(positions, rotation, mask, inv_freq, attention_factor, num_valid)
 
-        def block_call(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array) -> jax.Array:
-            return decoder_layer(settings, graphdef, params, x, None, inputs)[0]
+        def block_call(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array) -> tuple[jax.Array, Any]:
+            return decoder_layer(settings, graphdef, params, x, None, inputs)
 
         if remat:
             block_call = jax.checkpoint(block_call, static_argnums=(0,))
@@ -394,11 +410,14 @@ class Llama(nnx.Module):
         if scan:
             graphdef, _ = nnx.split(self.layers[0])
             stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.split(b)[1] for b in self.layers))
-            x, _ = jax.lax.scan(lambda x, params: (block_call(graphdef, params, x), None), x, stacked)
+            x, records = jax.lax.scan(lambda x, params: block_call(graphdef, params, x), x, stacked)
         else:
+            per_layer = []
             for block in self.layers:
-                x = block_call(*nnx.split(block), x)
-        return self.final_norm(x)
+                x, record = block_call(*nnx.split(block), x)
+                per_layer.append(record)
+            records = jax.tree.map(lambda *layers: jnp.stack(layers), *per_layer) if per_layer[0] is not None else None
+        return self.final_norm(x), records
 
     def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
         """LM head; call it only where logits are needed (one position when generating)."""

@@ -1,9 +1,9 @@
 """Training Locret's retaining heads with the backbone frozen (Huang et al. 2024, arXiv 2410.01805; METHODS.md §9).
 
 A sample of ``prompt_tokens`` tokens of text and ``answer_tokens`` answer tokens goes once through the frozen model
-(:func:`lcm.train.locret_labels.layerwise_pass`: the model's own modules, layer by layer). That pass yields, per
-layer, the **features** (pre-RoPE ``q, k, v`` of the prompt tokens: what the heads read at inference) and the
-**labels**: the causal importance score (CIS) of every prompt token and KV head, ``S[k, g] = max over the answer
+(:func:`lcm.train.locret_labels.layerwise_pass`: the model's training forward with a recording hook). That pass
+yields, per layer, the **features** (pre-RoPE ``q, k, v`` of the prompt tokens: what the heads read at inference)
+and the **labels**: the causal importance score (CIS) of every prompt token and KV head, ``S[k, g] = max over the answer
 tokens p and the query heads h of group g of q_p·k_k / sqrt(D)`` (:func:`lcm.train.locret_labels.
 causal_importance`). The heads (:class:`lcm.models.retaining.RetainingHeads`) are fitted by AdamW to
 ``SmoothL1(S̃, S) + alpha · Σ_layers MSE(S̃_k, S̃_k+1)`` (:func:`retaining_loss`).

@@ -88,7 +88,7 @@ def train_on_streams(
     initial = jax.tree.map(jnp.copy, state)
     optimizer = make_optimizer(steps, learning_rate, warmup_fraction)
     opt_state = optimizer.init(state)
-    backbone = backbone_of(model, sample_tokens)
+    backbone = backbone_of(model)
 
     started = time.perf_counter()
     fresh = samples >= steps  # one new sample per step: the fused step, no stored features

@@ -551,3 +551,38 @@ def test_parameter_and_compute_dtypes_are_separate() -> None:
     # bfloat16 keeps 8 significant bits: over two layers the logits (std ~9) move by a few 1e-2 relative
     scale = float(jnp.abs(want).max())
     assert float(jnp.abs(got.astype(jnp.float32) - want).max()) < 0.1 * scale
+
+
+def test_the_training_forward_returns_what_a_hook_records_per_layer_scanned_or_not() -> None:
+    """A recording hook changes no hidden state; its records are stacked over layers, the same scanned or
+    unrolled, and layer 0's equal its keys computed by hand."""
+    import dataclasses as dc
+
+    from lcm.cache.hooks import LayerHooks
+    from lcm.ops import rotary
+
+    @dc.dataclass(frozen=True)
+    class KeepKeys(LayerHooks):
+        def record_forward(self, view):
+            return {"keys": view.keys, "q_pre": view.q_pre}
+
+    cfg = dataclasses.replace(TINY, num_layers=3)
+    model = random_model(cfg, 2)
+    tokens = _tokens(1, 2, 24)
+    positions = _positions(2, 24)
+    plain = model.train_hidden_states(tokens, positions)
+    hidden, records = model.train_forward(tokens, positions, hooks=KeepKeys())
+    hidden_scan, records_scan = model.train_forward(tokens, positions, hooks=KeepKeys(), scan=True)
+    # another compiled layer (it returns more), the same ops: float32 round-off only (~1e-7 measured)
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(plain), atol=1e-5, rtol=1e-5)
+    chex.assert_shape(records["keys"], (3, 2, cfg.num_kv_heads, 24, cfg.head_dim))
+    # scanned vs unrolled: the same float32 ops, fused differently; ~1e-6 on unit-scale values
+    chex.assert_trees_all_close(records_scan, records, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(hidden_scan, hidden, atol=1e-5, rtol=1e-5)
+    # layer 0's keys by hand: embedding, norm, projection, rotation at positions 0..23
+    block = model.layers[0]
+    _, k_pre, _ = block.attn.project_qkv(block.input_norm(model.embed[...][tokens]))
+    inv_freq, factor = model.rope_tables(24)
+    keys = rotary.rotate(k_pre, *rotary.rope_cos_sin(positions, inv_freq, factor)).swapaxes(1, 2)
+    np.testing.assert_allclose(np.asarray(records["keys"][0]), np.asarray(keys), atol=1e-5, rtol=1e-5)
+    assert float(jnp.abs(records["keys"][1] - records["keys"][0]).max()) > 1e-2  # each layer its own

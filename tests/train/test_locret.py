@@ -60,7 +60,7 @@ def tokens() -> jax.Array:
 
 @pytest.fixture(scope="module")
 def passed(model: Llama, tokens: jax.Array):
-    return jax.jit(layerwise_pass, static_argnums=2)(backbone_of(model, SEQ), tokens, PROMPT)
+    return jax.jit(layerwise_pass, static_argnums=2)(backbone_of(model), tokens, PROMPT)
 
 
 def test_layerwise_forward_equals_the_model(model: Llama, tokens: jax.Array, passed) -> None:
@@ -249,7 +249,7 @@ def test_a_short_training_run_lowers_the_loss(model: Llama) -> None:
 def test_the_fused_step_equals_a_step_on_stored_features(model: Llama, tokens: jax.Array) -> None:
     graphdef, state = nnx.split(RetainingHeads(TINY, 16, rngs=nnx.Rngs(3)))
     optimizer = make_optimizer(10, learning_rate=1e-2, warmup_fraction=0.1)
-    backbone = backbone_of(model, SEQ)
+    backbone = backbone_of(model)
     copy = jax.tree.map(jnp.copy, state)
     fused, _, fused_parts = make_fused_train_step(graphdef, optimizer, PROMPT)(
         backbone, copy, optimizer.init(copy), tokens
