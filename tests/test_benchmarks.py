@@ -138,3 +138,9 @@ def test_train_forward_ab_and_tree_ab_reject_bad_input(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         _benchmark("tree_ab").main([])
     assert exit_info.value.code == 2 and "give the two trees" in capsys.readouterr().err
+
+
+def test_layer_scan_ab_rejects_bad_input(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _benchmark("layer_scan_ab").main(["--reps", "0"])
+    assert exit_info.value.code == 2 and "need positive --chunk, --steps and --reps" in capsys.readouterr().err

@@ -83,6 +83,9 @@ class LlamaConfig:
     attention_decode_kv_block: int = 2048
     # lcm.kernels.attention.api names tried in order: "auto" (= "cpu,xla": the CPU kernel where it applies) or "xla"
     attention_implementation: str = "auto"
+    # inference runs the layers as one lax.scan over their stacked parameters and states (one layer compiled) where
+    # every layer's state has the same shapes; False: the unrolled loop, faster on CPU (BENCHMARKS.md, layer scan)
+    scan_layers: bool = False
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
@@ -345,10 +348,22 @@ class Llama(nnx.Module):
             slot_rotation=slot_rotation,
             observers=observers,
         )
-        states = []
-        for block, state in zip(self.layers, cache.layers, strict=True):
-            x, state = block(x, state, inputs, settings)
-            states.append(state)
+        shapes = {str(jax.tree.map(lambda a: (a.shape, a.dtype), state)) for state in cache.layers}
+        if cfg.scan_layers and len(shapes) == 1:  # one scan step per layer: parameters and states stacked per call
+            graphdef, _ = nnx.split(self.layers[0])
+            stacked = _stack([nnx.split(block)[1] for block in self.layers]), _stack(list(cache.layers))
+
+            def layer(x: jax.Array, params_state: tuple[nnx.State, LayerCache]) -> tuple[jax.Array, LayerCache]:
+                params, state = params_state
+                return decoder_layer(settings, graphdef, params, x, state, inputs)
+
+            x, new = jax.lax.scan(layer, x, stacked)
+            states = [jax.tree.map(lambda a, i=i: a[i], new) for i in range(cfg.num_layers)]
+        else:
+            states = []
+            for block, state in zip(self.layers, cache.layers, strict=True):
+                x, state = block(x, state, inputs, settings)
+                states.append(state)
         return self.final_norm(x), dataclasses.replace(cache, layers=tuple(states))
 
     def train_hidden_states(
@@ -409,14 +424,14 @@ class Llama(nnx.Module):
         x = self.embed[...][tokens].astype(cfg.jnp_dtype)
         if scan:
             graphdef, _ = nnx.split(self.layers[0])
-            stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.split(b)[1] for b in self.layers))
+            stacked = _stack([nnx.split(b)[1] for b in self.layers])
             x, records = jax.lax.scan(lambda x, params: block_call(graphdef, params, x), x, stacked)
         else:
             per_layer = []
             for block in self.layers:
                 x, record = block_call(*nnx.split(block), x)
                 per_layer.append(record)
-            records = jax.tree.map(lambda *layers: jnp.stack(layers), *per_layer) if per_layer[0] is not None else None
+            records = _stack(per_layer) if per_layer[0] is not None else None
         return self.final_norm(x), records
 
     def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
@@ -440,6 +455,11 @@ class Llama(nnx.Module):
             return self.logits(self.train_hidden_states(tokens, positions, **kwargs)), None
         hidden, cache = self.hidden_states(tokens, positions, cache, **kwargs)
         return self.logits(hidden), cache
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+    """Pytrees of equal structure and shapes, stacked on a new leading axis."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
 def _attention_settings(cfg: LlamaConfig, decode: bool) -> AttentionSettings:

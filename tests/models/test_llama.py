@@ -586,3 +586,33 @@ def test_the_training_forward_returns_what_a_hook_records_per_layer_scanned_or_n
     keys = rotary.rotate(k_pre, *rotary.rope_cos_sin(positions, inv_freq, factor)).swapaxes(1, 2)
     np.testing.assert_allclose(np.asarray(records["keys"][0]), np.asarray(keys), atol=1e-5, rtol=1e-5)
     assert float(jnp.abs(records["keys"][1] - records["keys"][0]).max()) > 1e-2  # each layer its own
+
+
+@pytest.mark.parametrize("keys_pre_rope", [False, True])
+def test_scanned_layers_compute_what_the_unrolled_loop_does(keys_pre_rope: bool) -> None:
+    """``scan_layers``: the layers as one scan over stacked parameters and states give the unrolled loop's logits
+    and caches (prefill, then single-token steps), and the caches keep one state per layer."""
+    cfg = dataclasses.replace(TINY, num_layers=3)
+    model = random_model(cfg, 5)
+    scanned = with_config(model, dataclasses.replace(cfg, scan_layers=True))
+    tokens = _tokens(12, 2, 14)
+    unrolled_logits, unrolled_cache = _decode_incrementally(model, tokens, 10, 16, keys_pre_rope)
+    scanned_logits, scanned_cache = _decode_incrementally(scanned, tokens, 10, 16, keys_pre_rope)
+    chex.assert_trees_all_close(scanned_logits, unrolled_logits, **F32_SAME_MATH_TOL)
+    assert len(scanned_cache.layers) == 3
+    chex.assert_trees_all_close(scanned_cache, unrolled_cache, **F32_SAME_MATH_TOL)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tokenselect", "pyramidkv"])
+def test_scanned_layers_serve_every_policy_as_the_unrolled_loop(policy: str) -> None:
+    """Through the Engine: a policy's recorded state (attention mass, TokenSelect's selection) is scanned with
+    the layers, and layers of different capacities (PyramidKV) fall back to the loop: the same greedy tokens."""
+    from lcm.cache.policies import parse_policy
+    from lcm.generate import Engine
+
+    cfg = dataclasses.replace(TINY, num_layers=3, max_position_embeddings=256)
+    model = random_model(cfg, 6)
+    scanned = with_config(model, dataclasses.replace(cfg, scan_layers=True))
+    tokens = np.asarray(_tokens(13, 1, 120))
+    outs = [Engine(m, chunk_size=32, policy=parse_policy(policy, 64)).generate(tokens, 8) for m in (model, scanned)]
+    np.testing.assert_array_equal(outs[1], outs[0])
