@@ -28,9 +28,10 @@ from lcm.models.llama import Llama, LlamaConfig
 from lcm.steps import decode_step
 
 
-def _filled_cache(model: Llama, length: int, seed: int):
-    """A cache of capacity ``length + 64`` whose first ``length`` slots hold random keys and values."""
-    cache = model.init_cache(1, length + 64)
+def filled_cache(model: Llama, length: int, seed: int, free: int = 64):
+    """``fresh()``: a new copy of a cache of capacity ``length + free`` whose first ``length`` slots hold random
+    keys and values (the same every call)."""
+    cache = model.init_cache(1, length + free)
     rng = np.random.default_rng(seed)
     shape = cache.layers[0].keys.shape
     keys = [rng.standard_normal(shape, np.float32) for _ in cache.layers]
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| filled | implementation | compile s | ms/token min | ms/token median | tokens as the first |")
     print("|---|---|---|---|---|---|")
     for length in lengths:
-        fresh = _filled_cache(model, length, seed=length)
+        fresh = filled_cache(model, length, seed=length)
         first = jnp.zeros((1,), jnp.int32)
         compile_seconds = {}
         for name, (graphdef, step_fn) in runs.items():

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,26 +29,10 @@ from lcm.cli import int_list
 from lcm.models.llama import Llama, LlamaConfig
 from lcm.steps import decode_step, prefill_chunk
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from decode_ab import filled_cache  # noqa: E402
+
 LAYOUTS = {"unrolled": False, "scanned": True}
-
-
-def _filled_cache(model: Llama, length: int, chunk: int, seed: int):
-    """A cache of capacity ``length + chunk`` whose first ``length`` slots hold random keys and values."""
-    cache = model.init_cache(1, length + chunk)
-    rng = np.random.default_rng(seed)
-    shape = cache.layers[0].keys.shape
-    keys = [rng.standard_normal(shape, np.float32) for _ in cache.layers]
-    values = [rng.standard_normal(shape, np.float32) for _ in cache.layers]
-
-    def fresh():  # the programs donate their cache: a new copy for every call, built outside the timed call
-        return cache.replace_layers(
-            keys=[jnp.asarray(k) for k in keys],
-            values=[jnp.asarray(v) for v in values],
-            positions=jnp.asarray(np.arange(cache.capacity, dtype=np.int32)[None]),
-            length=jnp.int32(length),
-        )
-
-    return fresh
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| filled | program | layout | compile s | min | median | output as unrolled |")
     print("|---|---|---|---|---|---|---|")
     for length in args.lengths:
-        _rows(graphdefs, params, _filled_cache(model, length, args.chunk, seed=length), length, args)
+        _rows(graphdefs, params, filled_cache(model, length, seed=length, free=args.chunk), length, args)
 
 
 def _rows(graphdefs: dict[str, nnx.GraphDef], params: nnx.State, fresh, length: int, args: argparse.Namespace) -> None:

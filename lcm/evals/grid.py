@@ -78,14 +78,13 @@ class GridSpec:
         bad = [r for r in self.compression_ratios if not 0.0 < r < 1.0]
         if bad:
             raise ValueError(f"compression ratios must lie strictly between 0 and 1, got {list(bad)}")
-        if (any(b > 0 for b in self.budgets) or self.compression_ratios) and set(self.policies) == {"full"}:
+        bounded = any(b > 0 for b in self.budgets) or bool(self.compression_ratios)
+        if bounded and set(self.policies) == {"full"}:
             raise ValueError(
                 f"budgets {self.budgets} and compression ratios {self.compression_ratios} need a KV policy other "
                 "than `full` (budget 0 = full cache)"
             )
-        if any(not p.startswith("full") for p in self.policies) and not (
-            any(b > 0 for b in self.budgets) or self.compression_ratios
-        ):
+        if any(not p.startswith("full") for p in self.policies) and not bounded:
             raise ValueError(
                 f"policies {self.policies} need a positive budget in tokens (--budget) or a compression ratio"
             )

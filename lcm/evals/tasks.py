@@ -89,7 +89,7 @@ def question_start(tokenizer: Any, ids: Sequence[int], anchor: str | tuple[str, 
     if at < 0:
         return None
     try:
-        first = token_at(ids, at)
+        first = token_at(ids, at, text)
     except ValueError:
         return None
     return first if 0 < first < len(ids) else None

@@ -352,11 +352,11 @@ class TextTokenizer:
             ids = [*ids, self.eos_id]
         return ids
 
-    def token_at(self, ids: Sequence[int], char: int) -> int:
+    def token_at(self, ids: Sequence[int], char: int, text: str | None = None) -> int:
         """The index in ``ids`` of the token that holds character ``char`` of their text (``decode(ids,
-        skip_special=False)``), or the first token after it; a ValueError when the text does not encode back to
-        ``ids`` (then no character maps to a token)."""
-        text = self.decode(ids, skip_special=False)
+        skip_special=False)``, or ``text`` where the caller has it already), or the first token after it; a
+        ValueError when the text does not encode back to ``ids`` (then no character maps to a token)."""
+        text = self.decode(ids, skip_special=False) if text is None else text
         if not 0 <= char <= len(text):
             raise ValueError(f"char={char} lies outside the prompt's text of {len(text)} characters")
         encoding = self.tokenizer.encode(text, add_special_tokens=False)

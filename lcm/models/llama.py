@@ -348,8 +348,7 @@ class Llama(nnx.Module):
             slot_rotation=slot_rotation,
             observers=observers,
         )
-        shapes = {str(jax.tree.map(lambda a: (a.shape, a.dtype), state)) for state in cache.layers}
-        if cfg.scan_layers and len(shapes) == 1:  # one scan step per layer: parameters and states stacked per call
+        if cfg.scan_layers and _equal_shapes(cache.layers):  # one scan step per layer: stacked per call
             graphdef, _ = nnx.split(self.layers[0])
             stacked = _stack([nnx.split(block)[1] for block in self.layers]), _stack(list(cache.layers))
 
@@ -455,6 +454,11 @@ class Llama(nnx.Module):
             return self.logits(self.train_hidden_states(tokens, positions, **kwargs)), None
         hidden, cache = self.hidden_states(tokens, positions, cache, **kwargs)
         return self.logits(hidden), cache
+
+
+def _equal_shapes(trees: Sequence[Any]) -> bool:
+    """Whether pytrees have one structure and equal shapes and dtypes (they can be stacked)."""
+    return len({str(jax.tree.map(lambda a: (a.shape, a.dtype), tree)) for tree in trees}) == 1
 
 
 def _stack(trees: Sequence[Any]) -> Any:
