@@ -14,7 +14,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from lcm.io.hf import llama_from_tensors
+from lcm.io.hf import model_from_tensors
 from lcm.models.llama import Llama, LlamaConfig
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -115,4 +115,4 @@ def load_gguf(path: str | Path, dtype: str = "float32", progress: bool = True) -
             w = unpermute_qk(w, cfg.num_kv_heads)
         return w
 
-    return llama_from_tensors(cfg, get, set(tensors), progress=progress), reader
+    return model_from_tensors(cfg, get, set(tensors), progress=progress), reader

@@ -1,4 +1,9 @@
-"""One pre-norm decoder layer of the LLaMA family, jitted once and shared by every layer of a model.
+"""One decoder layer, jitted once and shared by every layer of a model and by every model family.
+
+The family's Block says what its layer is made of (:class:`lcm.models.llama.Block`,
+:class:`lcm.models.gemma3.Block`): ``attention_input(x)`` (the pre-attention norm), ``attn.project_qkv(h)``
+(pre-RoPE queries, keys, values, with whatever the family does to them: biases, QK-norm, query scaling),
+``add_attention(x, attn)`` and ``add_mlp(x)`` (how the attention's and the MLP's outputs join the residual stream).
 
 The same layer serves the training forward (no state: fresh keys and values of the new tokens, differentiable) and
 inference (its own :class:`~lcm.cache.kv.LayerCache`: it writes the new keys and values into its buffer, attends to
@@ -97,7 +102,7 @@ def decoder_layer(
     head's scores); the layer never tests which policy it serves.
     """
     block = nnx.merge(graphdef, params)
-    q_pre, k_pre, v = block.attn.project_qkv(block.input_norm(x))
+    q_pre, k_pre, v = block.attn.project_qkv(block.attention_input(x))
     q = rotary.rotate(q_pre, *inputs.rotation)
     if state is None:  # the training layer: no buffer; what the hooks record is returned in the state's place
         keys, values = rotary.rotate(k_pre, *inputs.rotation).swapaxes(1, 2), v.swapaxes(1, 2)
@@ -121,8 +126,7 @@ def decoder_layer(
                 keys_pre_rope=False,
             )
         )
-        x = x + block.attn.output(attn)
-        return x + block.mlp(block.post_attention_norm(x)), record
+        return block.add_mlp(block.add_attention(x, attn)), record
 
     start = state.length
     k = k_pre if settings.keys_pre_rope else rotary.rotate(k_pre, *inputs.rotation)
@@ -178,6 +182,4 @@ def decoder_layer(
     state = dataclasses.replace(state, keys=keys, values=values, positions=positions, length=start + inputs.num_valid)
     attn, state = hooks.attend(view, state, attend_all)
     state = hooks.record(view, state)
-    x = x + block.attn.output(attn)
-    x = x + block.mlp(block.post_attention_norm(x))
-    return x, state
+    return block.add_mlp(block.add_attention(x, attn)), state

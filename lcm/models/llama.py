@@ -15,7 +15,7 @@ logical axis names (``vocab, embed, heads, kv_heads, head_dim, mlp``) that ``lcm
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import chex
@@ -26,15 +26,15 @@ from jaxtyping import Array, Bool, Float, Int
 
 from lcm.cache.hooks import LayerHooks
 from lcm.cache.kv import KVCache, LayerCache, init_cache
-from lcm.kernels.attention import api as attention_api
-from lcm.kernels.attention.config import XlaConfig
-from lcm.models.decoder_layer import AttentionSettings, LayerInputs, LayerSettings, decoder_layer
+from lcm.models import decoder
+from lcm.models.decoder import map_params as map_params  # re-exported: lcm.models.llama.map_params
+from lcm.models.decoder import param_count as param_count
+from lcm.models.decoder_layer import LayerInputs, LayerSettings, decoder_layer
 from lcm.ops import masks, rotary
 from lcm.ops import rope as rope_ops
 
 # variants that scale relative to the trained context L0; `with_rope` fills it in from the model
 _USES_ORIGINAL_LENGTH = frozenset({"dynamic", "yarn", "llama3", "longrope"})
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # named architectures: what a config needs beyond runtime settings
 PRESETS: dict[str, dict[str, Any]] = {
     # HuggingFaceTB/SmolLM2-135M(-Instruct): config.json of the release
@@ -116,22 +116,10 @@ class LlamaConfig:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        for name in ("dtype", "param_dtype"):
-            value = getattr(self, name)
-            if value == "float16":
-                raise ValueError(
-                    f"{name}='float16' is not supported: activations of these models overflow its range (max 65504) "
-                    "and softmax statistics lose precision; use bfloat16 (float32's range) or float32"
-                )
-            if value not in _DTYPES:
-                raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(_DTYPES)}")
+        decoder.check_dtypes(self)
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
-        if attention_api.resolve(self.attention_implementation)[-1] != "xla":
-            raise ValueError(
-                f"attention_implementation={self.attention_implementation!r} must end with 'xla', the path that "
-                "takes every call (decode steps, document masks, bfloat16); e.g. 'cpu,xla' or 'auto'"
-            )
+        decoder.check_attention_implementation(self.attention_implementation)
         frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.rope_params).items()}
         object.__setattr__(self, "rope_params", tuple(sorted(frozen.items())))
         rope_ops.validate_rope_params(self.rope_variant, dict(self.rope_params), self.head_dim)
@@ -139,11 +127,11 @@ class LlamaConfig:
     @property
     def jnp_dtype(self) -> jnp.dtype:
         """The compute dtype (activations, the KV cache)."""
-        return _DTYPES[self.dtype]
+        return decoder.DTYPES[self.dtype]
 
     @property
     def jnp_param_dtype(self) -> jnp.dtype:
-        return _DTYPES[self.param_dtype]
+        return decoder.DTYPES[self.param_dtype]
 
     def with_rope(self, variant: str, params: dict[str, Any] | None = None) -> LlamaConfig:
         """The same model with another RoPE variant (``original_max_position_embeddings`` defaults to L0)."""
@@ -153,27 +141,9 @@ class LlamaConfig:
         return dataclasses.replace(self, rope_variant=variant, rope_params=tuple(sorted(params.items())))
 
 
-def _param(
-    rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: jnp.dtype, fan_in: int | None
-) -> nnx.Param:
-    """Ones (norm scales, ``fan_in=None``), zeros (biases, ``fan_in=0``) or N(0, 1/fan_in). ``rngs=None`` gives a
-    ``jax.ShapeDtypeStruct``, shapes only, for :func:`abstract_model`: what ``nnx.eval_shape`` would give, without
-    tracing anything (tracing 211 ``nnx.Rngs`` draws cost 1.6 s, and the constant fills 0.1-0.2 s, in every process
-    that loads a checkpoint)."""
-    if rngs is None:
-        return nnx.Param(jax.ShapeDtypeStruct(shape, dtype), out_sharding=axes, eager_sharding=False)
-    if fan_in is None:
-        value = jnp.ones(shape, dtype)
-    elif fan_in == 0:
-        value = jnp.zeros(shape, dtype)
-    else:
-        value = (jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5).astype(dtype)
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
-
-
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs | None):
-        self.scale = _param(rngs, (dim,), ("embed",), dtype, None)
+        self.scale = decoder.param(rngs, (dim,), ("embed",), dtype, None)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -185,16 +155,16 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs | None):
         d, h, k, hd, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_param_dtype
-        self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt, d)
-        self.k_proj = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dt, d)
-        self.v_proj = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dt, d)
-        self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt, h * hd)
+        self.q_proj = decoder.param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt, d)
+        self.k_proj = decoder.param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dt, d)
+        self.v_proj = decoder.param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), dt, d)
+        self.o_proj = decoder.param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt, h * hd)
         if cfg.qkv_bias:
-            self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), dt, 0)
-            self.k_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), dt, 0)
-            self.v_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), dt, 0)
+            self.q_bias = decoder.param(rngs, (h, hd), ("heads", "head_dim"), dt, 0)
+            self.k_bias = decoder.param(rngs, (k, hd), ("kv_heads", "head_dim"), dt, 0)
+            self.v_bias = decoder.param(rngs, (k, hd), ("kv_heads", "head_dim"), dt, 0)
         if cfg.o_bias:
-            self.o_bias = _param(rngs, (d,), ("embed",), dt, 0)
+            self.o_bias = decoder.param(rngs, (d,), ("embed",), dt, 0)
         self.qkv_bias, self.has_o_bias = cfg.qkv_bias, cfg.o_bias
 
     def project_qkv(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -217,13 +187,13 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs | None):
         d, f, dt = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, d)
-        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dt, d)
-        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dt, f)
+        self.gate_proj = decoder.param(rngs, (d, f), ("embed", "mlp"), dt, d)
+        self.up_proj = decoder.param(rngs, (d, f), ("embed", "mlp"), dt, d)
+        self.down_proj = decoder.param(rngs, (f, d), ("mlp", "embed"), dt, f)
         if cfg.mlp_bias:
-            self.gate_bias = _param(rngs, (f,), ("mlp",), dt, 0)
-            self.up_bias = _param(rngs, (f,), ("mlp",), dt, 0)
-            self.down_bias = _param(rngs, (d,), ("embed",), dt, 0)
+            self.gate_bias = decoder.param(rngs, (f,), ("mlp",), dt, 0)
+            self.up_bias = decoder.param(rngs, (f,), ("mlp",), dt, 0)
+            self.down_bias = decoder.param(rngs, (d,), ("embed",), dt, 0)
         self.mlp_bias = cfg.mlp_bias
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -243,6 +213,15 @@ class Block(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype, rngs)
         self.mlp = MLP(cfg, rngs)
 
+    def attention_input(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        return self.input_norm(x)
+
+    def add_attention(self, x: Float[Array, "B T D"], attn: Float[Array, "B T H K"]) -> Float[Array, "B T D"]:
+        return x + self.attn.output(attn)
+
+    def add_mlp(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        return x + self.mlp(self.post_attention_norm(x))
+
     def __call__(
         self, x: Float[Array, "B T D"], state: LayerCache | None, inputs: LayerInputs, settings: LayerSettings
     ) -> tuple[Float[Array, "B T D"], LayerCache | None]:
@@ -258,11 +237,12 @@ class Llama(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs | None):
         self.config = cfg
         dt = cfg.jnp_param_dtype
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt, 1)
+        self.embed = decoder.param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt, 1)
         self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
         if not cfg.tie_embeddings:
-            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt, cfg.hidden_size)
+            shape, axes = (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab")
+            self.lm_head = decoder.param(rngs, shape, axes, dt, cfg.hidden_size)
 
     def init_cache(self, batch: int, capacity: int | Sequence[int], keys_pre_rope: bool = False) -> KVCache:
         """An empty cache of ``capacity`` slots in every layer, or one capacity per layer."""
@@ -296,27 +276,16 @@ class Llama(nnx.Module):
         trained head scores (Locret). The hooks also say what a step attends to (TokenSelect: a selection).
         """
         cfg = self.config
-        batch, seq = tokens.shape
-        chex.assert_shape(positions, (batch, seq))
-        chex.assert_type([tokens, positions], [int, int])
-        if len(cache.layers) != cfg.num_layers:
-            raise ValueError(f"the cache holds {len(cache.layers)} layers, the model {cfg.num_layers}")
-        if cache.batch != batch:
-            raise ValueError(f"cache batch {cache.batch} != tokens batch {batch}")
-        if seq > min(cache.capacities):
-            raise ValueError(f"{seq} new tokens exceed the cache capacity {min(cache.capacities)}")
+        batch, seq = decoder.check_call(cfg.num_layers, tokens, positions, cache)
         num_valid = jnp.asarray(seq if num_valid is None else num_valid, jnp.int32)
         positions = positions.astype(jnp.int32)
         if rope_seq_len is None:
-            real = jnp.arange(seq) < num_valid
-            rope_seq_len = jnp.max(jnp.where(real[None], positions, 0)) + 1
+            rope_seq_len = decoder.default_rope_length(positions, num_valid)
         inv_freq, attention_factor = self.rope_tables(rope_seq_len)
-        if cache.starts is not None:  # left-padded rows: attention sees padding and prompt as two documents
-            chex.assert_shape(cache.starts, (batch,))
         x = self.embed[...][tokens].astype(cfg.jnp_dtype)
         settings = LayerSettings(
             keys_pre_rope=cache.keys_pre_rope,
-            attention=_attention_settings(cfg, decode=seq == 1),
+            attention=decoder.attention_settings(cfg, decode=seq == 1),
             hooks=LayerHooks() if cache.hooks is None else cache.hooks,
         )
         mask = masks.causal()
@@ -324,33 +293,12 @@ class Llama(nnx.Module):
             mask &= masks.sliding_window(cfg.sliding_window)
         if cache.starts is not None:
             mask &= masks.left_padding(cache.starts)
-        # cos/sin once per forward, shared by the layers: the chunk's positions, and (keys stored pre-RoPE) the first
-        # layer's slot positions after this chunk, which every layer numbering its slots alike reuses
-        first = cache.layers[0]
-        slot_positions = None
-        if cache.keys_pre_rope:
-            slot_positions = jax.lax.dynamic_update_slice(first.positions, positions, (jnp.int32(0), first.length))
-        rotation, slot_rotation = _materialised(
-            first.length,
-            lambda: (
-                rotary.rope_cos_sin(positions, inv_freq, attention_factor),
-                None if slot_positions is None else rotary.rope_cos_sin(slot_positions, inv_freq, attention_factor),
-            ),
+        inputs = decoder.layer_inputs(
+            positions, cache.layers[0], cache.keys_pre_rope, inv_freq, attention_factor, mask, num_valid, observers
         )
-        inputs = LayerInputs(
-            positions=positions,
-            rotation=rotation,
-            mask=mask,
-            inv_freq=inv_freq,
-            attention_factor=attention_factor,
-            num_valid=num_valid,
-            slot_positions=slot_positions,
-            slot_rotation=slot_rotation,
-            observers=observers,
-        )
-        if cfg.scan_layers and _equal_shapes(cache.layers):  # one scan step per layer: stacked per call
+        if cfg.scan_layers and decoder.equal_shapes(cache.layers):  # one scan step per layer: stacked per call
             graphdef, _ = nnx.split(self.layers[0])
-            stacked = _stack([nnx.split(block)[1] for block in self.layers]), _stack(list(cache.layers))
+            stacked = decoder.stack([nnx.split(block)[1] for block in self.layers]), decoder.stack(list(cache.layers))
 
             def layer(x: jax.Array, params_state: tuple[nnx.State, LayerCache]) -> tuple[jax.Array, LayerCache]:
                 params, state = params_state
@@ -411,7 +359,7 @@ class Llama(nnx.Module):
             mask &= masks.documents(segment_ids, segment_ids)
         if cfg.sliding_window is not None:
             mask &= masks.sliding_window(cfg.sliding_window)
-        settings = LayerSettings(attention=_attention_settings(cfg, decode=False), hooks=hooks or LayerHooks())
+        settings = LayerSettings(attention=decoder.attention_settings(cfg, decode=False), hooks=hooks or LayerHooks())
         num_valid = jnp.int32(seq)
         inputs = LayerInputs(positions, rotation, mask, inv_freq, attention_factor, num_valid)
 
@@ -423,14 +371,14 @@ class Llama(nnx.Module):
         x = self.embed[...][tokens].astype(cfg.jnp_dtype)
         if scan:
             graphdef, _ = nnx.split(self.layers[0])
-            stacked = _stack([nnx.split(b)[1] for b in self.layers])
+            stacked = decoder.stack([nnx.split(b)[1] for b in self.layers])
             x, records = jax.lax.scan(lambda x, params: block_call(graphdef, params, x), x, stacked)
         else:
             per_layer = []
             for block in self.layers:
                 x, record = block_call(*nnx.split(block), x)
                 per_layer.append(record)
-            records = _stack(per_layer) if per_layer[0] is not None else None
+            records = decoder.stack(per_layer) if per_layer[0] is not None else None
         return self.final_norm(x), records
 
     def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
@@ -456,33 +404,6 @@ class Llama(nnx.Module):
         return self.logits(hidden), cache
 
 
-def _equal_shapes(trees: Sequence[Any]) -> bool:
-    """Whether pytrees have one structure and equal shapes and dtypes (they can be stacked)."""
-    return len({str(jax.tree.map(lambda a: (a.shape, a.dtype), tree)) for tree in trees}) == 1
-
-
-def _stack(trees: Sequence[Any]) -> Any:
-    """Pytrees of equal structure and shapes, stacked on a new leading axis."""
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
-def _attention_settings(cfg: LlamaConfig, decode: bool) -> AttentionSettings:
-    """The attention implementations and tiles of ``cfg``: single-token decode steps take wider key tiles."""
-    kv_block = cfg.attention_decode_kv_block if decode else cfg.attention_kv_block
-    implementation = attention_api.resolve(cfg.attention_implementation)
-    return AttentionSettings(implementation, (XlaConfig(cfg.attention_q_block, kv_block),))
-
-
-def _materialised(operand: jax.Array, compute: Callable[[], Any]) -> Any:
-    """``compute()``, computed once into buffers. XLA's CPU fusion otherwise recomputes cheap-looking producers
-    inside every consumer: the RoPE sin/cos went into each layer's rotation (60 copies per forward, scalar libm
-    calls, ~3% of a 2k prefill; with pre-RoPE keys 30 copies over the whole cache per chunk), and an
-    optimisation barrier does not stop it (the CPU pipeline expands barriers before fusion). The branches of a
-    ``lax.cond`` are computations of their own whose outputs are buffers; both branches are ``compute``, so the
-    result does not depend on the predicate, a value XLA cannot fold (the cache length)."""
-    return jax.lax.cond(operand > 0, compute, compute)
-
-
 def forward(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -497,22 +418,6 @@ def forward(
 def abstract_model(cfg: LlamaConfig) -> Llama:
     """Shapes and sharding metadata only, no memory: the first step of a sharded or checkpoint init."""
     return Llama(cfg, rngs=None)
-
-
-def param_count(model: Llama) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def map_params(model: Llama, fn: Callable[[tuple[str, ...], Any], jax.Array]) -> Llama:
-    """A copy of ``model`` with each parameter replaced by ``fn(path, old)`` (path as strings)."""
-    graphdef, state = nnx.split(model)
-
-    def replace(path: tuple[Any, ...], leaf: Any) -> Any:
-        names = tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
-        return fn(names[:-1] if names[-1] == "value" else names, leaf)
-
-    state = jax.tree_util.tree_map_with_path(replace, state)
-    return nnx.merge(graphdef, state)
 
 
 def with_config(model: Llama, cfg: LlamaConfig) -> Llama:

@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 from lcm.io.gguf_model import load_gguf, unpermute_qk
-from lcm.io.hf import llama_from_tensors
+from lcm.io.hf import model_from_tensors
 from lcm.models.llama import LlamaConfig
 
 pytestmark = pytest.mark.parity
@@ -152,7 +152,7 @@ def test_tiny_gguf_loads_the_weights_it_was_written_from(tmp_path: Path, tied: b
     )
     assert cfg == expected_cfg
     # the reference: the original HF-layout tensors through the HF path (no permutation anywhere)
-    expected = llama_from_tensors(expected_cfg, tensors.__getitem__, set(tensors), progress=False)
+    expected = model_from_tensors(expected_cfg, tensors.__getitem__, set(tensors), progress=False)
     ours, theirs = nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(expected))
     # float32 stored, float32 read, rows only moved: bit-exact
     jax.tree.map(np.testing.assert_array_equal, ours, theirs)

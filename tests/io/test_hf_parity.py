@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lcm.io.hf import config_from_hf, llama_from_tensors, load_hf_folder
+from lcm.io.hf import config_from_hf, load_hf_folder, model_from_tensors
 from lcm.models.llama import Llama, forward, with_config
 
 pytestmark = pytest.mark.parity
@@ -181,7 +181,7 @@ def test_longrope_numerics_match_transformers(checkpoints) -> None:
     params = {**LONGROPE, "factor": MAX_POSITIONS / ORIGINAL_LENGTH}  # transformers' fallback when factor is unset
     cfg = config_from_hf(config).with_rope("longrope", params)
     tensors = load_file(folder / "model.safetensors")
-    model = llama_from_tensors(cfg, tensors.__getitem__, set(tensors), progress=False)
+    model = model_from_tensors(cfg, tensors.__getitem__, set(tensors), progress=False)
     chex.assert_trees_all_close(_lcm_logits(model, tokens), expected, **PARITY_TOL)
 
 
@@ -233,7 +233,10 @@ BASE_CONFIG = {
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"model_type": "gpt2"}, r"unsupported model_type 'gpt2'; lcm loads \['llama', 'mistral', 'qwen2'\]"),
+        (
+            {"model_type": "gpt2"},
+            r"unsupported model_type 'gpt2'; lcm loads \['llama', 'mistral', 'qwen2', 'gemma3_text'\]",
+        ),
         ({"model_type": None}, "unsupported model_type None"),
         ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'; lcm's MLP is SwiGLU with 'silu'"),
         ({"rope_parameters": {"rope_type": "su"}}, r"unsupported rope_type 'su'; lcm reads \["),

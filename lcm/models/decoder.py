@@ -1,0 +1,174 @@
+"""What every decoder model of lcm shares: its parameters' creation, the inputs one forward computes once for its
+layers, and the checks on a call's arguments.
+
+A model module (:mod:`lcm.models.llama`, :mod:`lcm.models.gemma3`) defines its Block (norms, projections, MLP and
+how they join the residual stream) and which :class:`~lcm.models.decoder_layer.LayerInputs` each layer gets (its
+mask and its RoPE table); the layer function, :func:`lcm.models.decoder_layer.decoder_layer`, is one for all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from lcm.cache.kv import KVCache, LayerCache
+from lcm.kernels.attention import api as attention_api
+from lcm.kernels.attention.config import XlaConfig
+from lcm.models.decoder_layer import AttentionSettings, LayerInputs
+from lcm.ops import rotary
+from lcm.ops.masks import Mask
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def check_dtypes(cfg: Any) -> None:
+    """A config's ``dtype`` and ``param_dtype`` are ones lcm computes in (one-line ValueError otherwise)."""
+    for name in ("dtype", "param_dtype"):
+        value = getattr(cfg, name)
+        if value == "float16":
+            raise ValueError(
+                f"{name}='float16' is not supported: activations of these models overflow its range (max 65504) "
+                "and softmax statistics lose precision; use bfloat16 (float32's range) or float32"
+            )
+        if value not in DTYPES:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(DTYPES)}")
+
+
+def check_attention_implementation(name: str) -> None:
+    if attention_api.resolve(name)[-1] != "xla":
+        raise ValueError(
+            f"attention_implementation={name!r} must end with 'xla', the path that "
+            "takes every call (decode steps, document masks, bfloat16); e.g. 'cpu,xla' or 'auto'"
+        )
+
+
+def param(
+    rngs: nnx.Rngs | None,
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    dtype: jnp.dtype,
+    fan_in: int | None,
+    fill: float = 1.0,
+) -> nnx.Param:
+    """``fill`` (norm scales, ``fan_in=None``: ones, or zeros for a ``1 + w`` norm), zeros (biases, ``fan_in=0``) or
+    N(0, 1/fan_in). ``rngs=None`` gives a ``jax.ShapeDtypeStruct``, shapes only, for an abstract model: what
+    ``nnx.eval_shape`` would give, without tracing anything (tracing 211 ``nnx.Rngs`` draws cost 1.6 s, and the
+    constant fills 0.1-0.2 s, in every process that loads a checkpoint)."""
+    if rngs is None:
+        return nnx.Param(jax.ShapeDtypeStruct(shape, dtype), out_sharding=axes, eager_sharding=False)
+    if fan_in is None:
+        value = jnp.full(shape, fill, dtype)
+    elif fan_in == 0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5).astype(dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def attention_settings(cfg: Any, decode: bool) -> AttentionSettings:
+    """The attention implementations and tiles of a config: single-token decode steps take wider key tiles."""
+    kv_block = cfg.attention_decode_kv_block if decode else cfg.attention_kv_block
+    implementation = attention_api.resolve(cfg.attention_implementation)
+    return AttentionSettings(implementation, (XlaConfig(cfg.attention_q_block, kv_block),))
+
+
+def check_call(
+    num_layers: int, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: KVCache
+) -> tuple[int, int]:
+    """``(batch, T)`` of an inference call, after checking the cache fits it (one-line ValueErrors)."""
+    batch, seq = tokens.shape
+    chex.assert_shape(positions, (batch, seq))
+    chex.assert_type([tokens, positions], [int, int])
+    if len(cache.layers) != num_layers:
+        raise ValueError(f"the cache holds {len(cache.layers)} layers, the model {num_layers}")
+    if cache.batch != batch:
+        raise ValueError(f"cache batch {cache.batch} != tokens batch {batch}")
+    if seq > min(cache.capacities):
+        raise ValueError(f"{seq} new tokens exceed the cache capacity {min(cache.capacities)}")
+    if cache.starts is not None:  # left-padded rows: attention sees padding and prompt as two documents
+        chex.assert_shape(cache.starts, (batch,))
+    return batch, seq
+
+
+def default_rope_length(positions: Int[Array, "B T"], num_valid: Int[Array, ""]) -> Int[Array, ""]:
+    """The length length-dependent RoPE variants scale for: the largest real position + 1 (transformers')."""
+    real = jnp.arange(positions.shape[1]) < num_valid
+    return jnp.max(jnp.where(real[None], positions, 0)) + 1
+
+
+def layer_inputs(
+    positions: Int[Array, "B T"],
+    reference: LayerCache,
+    keys_pre_rope: bool,
+    inv_freq: Float[Array, " F"],
+    attention_factor: Float[Array, ""] | float,
+    mask: Mask,
+    num_valid: Int[Array, ""],
+    observers: Bool[Array, "B T"] | None,
+) -> LayerInputs:
+    """What the layers sharing one RoPE table and mask get in an inference forward: cos/sin of the chunk's
+    positions and (keys stored pre-RoPE) of ``reference``'s slot positions after this chunk, which every layer
+    numbering its slots alike reuses; computed once, not per layer (:func:`materialised`)."""
+    slot_positions = None
+    if keys_pre_rope:
+        slot_positions = jax.lax.dynamic_update_slice(reference.positions, positions, (jnp.int32(0), reference.length))
+    rotation, slot_rotation = materialised(
+        reference.length,
+        lambda: (
+            rotary.rope_cos_sin(positions, inv_freq, attention_factor),
+            None if slot_positions is None else rotary.rope_cos_sin(slot_positions, inv_freq, attention_factor),
+        ),
+    )
+    return LayerInputs(
+        positions=positions,
+        rotation=rotation,
+        mask=mask,
+        inv_freq=inv_freq,
+        attention_factor=attention_factor,
+        num_valid=num_valid,
+        slot_positions=slot_positions,
+        slot_rotation=slot_rotation,
+        observers=observers,
+    )
+
+
+def materialised(operand: jax.Array, compute: Callable[[], Any]) -> Any:
+    """``compute()``, computed once into buffers. XLA's CPU fusion otherwise recomputes cheap-looking producers
+    inside every consumer: the RoPE sin/cos went into each layer's rotation (60 copies per forward, scalar libm
+    calls, ~3% of a 2k prefill; with pre-RoPE keys 30 copies over the whole cache per chunk), and an
+    optimisation barrier does not stop it (the CPU pipeline expands barriers before fusion). The branches of a
+    ``lax.cond`` are computations of their own whose outputs are buffers; both branches are ``compute``, so the
+    result does not depend on the predicate, a value XLA cannot fold (the cache length)."""
+    return jax.lax.cond(operand > 0, compute, compute)
+
+
+def equal_shapes(trees: Sequence[Any]) -> bool:
+    """Whether pytrees have one structure and equal shapes and dtypes (they can be stacked)."""
+    return len({str(jax.tree.map(lambda a: (a.shape, a.dtype), tree)) for tree in trees}) == 1
+
+
+def stack(trees: Sequence[Any]) -> Any:
+    """Pytrees of equal structure and shapes, stacked on a new leading axis."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def map_params(model: nnx.Module, fn: Callable[[tuple[str, ...], Any], jax.Array]) -> Any:
+    """A copy of ``model`` with each parameter replaced by ``fn(path, old)`` (path as strings)."""
+    graphdef, state = nnx.split(model)
+
+    def replace(path: tuple[Any, ...], leaf: Any) -> Any:
+        names = tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+        return fn(names[:-1] if names[-1] == "value" else names, leaf)
+
+    state = jax.tree_util.tree_map_with_path(replace, state)
+    return nnx.merge(graphdef, state)
+
+
+def param_count(model: nnx.Module) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

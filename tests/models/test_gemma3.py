@@ -1,0 +1,109 @@
+"""Gemma 3 in lcm, without torch: inference over a cache (chunks, then one-token steps) is the training forward's
+function, documents packed in a row do not see each other, greedy decoding through the Engine is the argmax of the
+full forward, and configs are validated (transformers parity: tests/io/test_gemma3_parity.py)."""
+
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcm.generate import Engine
+from lcm.models import families
+from lcm.models.gemma3 import FULL, SLIDING, Gemma3Config, pattern_layer_types, random_model
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=80,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-6,
+    rope_base=1e6,
+    local_rope_base=1e4,
+    sliding_window=5,
+    layer_types=pattern_layer_types(4, 2),
+    query_pre_attn_scalar=16.0,
+    max_position_embeddings=64,
+)
+# float32, the same weights; the paths differ in tiling and summation order only (a few ulp at logits of a few
+# units): 1e-4 is the tolerance of the LLaMA cache-vs-forward tests
+TOL = {"atol": 1e-4, "rtol": 0.0}
+
+
+def _full_logits(model, tokens: np.ndarray) -> np.ndarray:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return np.asarray(model(jnp.asarray(tokens), positions)[0])
+
+
+def test_cached_chunks_and_steps_are_the_training_forward() -> None:
+    model = random_model(Gemma3Config(**TINY), seed=3)
+    tokens = np.random.default_rng(0).integers(0, 96, (2, 21)).astype(np.int32)
+    expected = _full_logits(model, tokens)
+    cache = model.init_cache(2, 24)
+    got = []
+    for start, end in ((0, 8), (8, 16), (16, 19), (19, 20), (20, 21)):  # chunks past the window, then steps
+        positions = jnp.broadcast_to(jnp.arange(start, end), (2, end - start))
+        logits, cache = model(jnp.asarray(tokens[:, start:end]), positions, cache)
+        got.append(np.asarray(logits))
+    chex.assert_trees_all_close(np.concatenate(got, axis=1), expected, **TOL)
+
+
+def test_packed_documents_do_not_see_each_other() -> None:
+    model = random_model(Gemma3Config(**TINY), seed=4)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 96, (1, 20)).astype(np.int32)
+    segments = jnp.asarray([[0] * 9 + [1] * 11])
+    positions = jnp.asarray([list(range(9)) + list(range(11))])
+    hidden = model.train_hidden_states(jnp.asarray(tokens), positions, segments)
+    changed = tokens.copy()
+    changed[0, :9] = rng.integers(0, 96, 9)
+    hidden_changed = model.train_hidden_states(jnp.asarray(changed), positions, segments)
+    np.testing.assert_array_equal(np.asarray(hidden[0, 9:]), np.asarray(hidden_changed[0, 9:]))
+    # and the second document alone gives the same states (positions restart)
+    alone = model.train_hidden_states(jnp.asarray(tokens[:, 9:]), jnp.arange(11)[None])
+    chex.assert_trees_all_close(alone[0], hidden[0, 9:], **TOL)
+
+
+def test_engine_greedy_is_the_full_forwards_argmax() -> None:
+    model = random_model(Gemma3Config(**TINY), seed=1)
+    tokens = np.random.default_rng(0).integers(0, 96, (1, 37)).astype(np.int32)
+    out = Engine(model, chunk_size=8).generate(tokens, 6)
+    ids = tokens
+    for _ in range(6):
+        ids = np.concatenate([ids, _full_logits(model, ids)[:, -1].argmax(-1)[:, None].astype(np.int32)], axis=1)
+    np.testing.assert_array_equal(out, ids[:, 37:])
+
+
+def test_preset_and_families() -> None:
+    cfg = families.preset("gemma3-270m")
+    assert isinstance(cfg, Gemma3Config)
+    assert cfg.layer_types.count(FULL) == 3 and cfg.layer_types[5] == FULL and cfg.layer_types[0] == SLIDING
+    assert families.preset("smollm2-135m").num_layers == 30
+    with pytest.raises(ValueError, match="unknown model preset 'gemma9'; choose one of"):
+        families.preset("gemma9")
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"layer_types": (SLIDING,) * 3}, "layer_types must give one of"),
+        ({"sliding_window": 0}, "sliding_window=0 must be positive"),
+        ({"num_kv_heads": 3}, "num_heads=4 must be a multiple of num_kv_heads=3"),
+        ({"query_pre_attn_scalar": 0.0}, "query_pre_attn_scalar=0.0 must be positive"),
+        ({"dtype": "float16"}, "dtype='float16' is not supported"),
+    ],
+)
+def test_config_errors_are_one_line(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as err:
+        Gemma3Config(**(TINY | change))
+    assert "\n" not in str(err.value)
+
+
+def test_scan_is_refused() -> None:
+    model = random_model(Gemma3Config(**TINY))
+    with pytest.raises(ValueError, match="scan=True is not supported"):
+        model.train_forward(jnp.zeros((1, 4), jnp.int32), jnp.arange(4)[None], scan=True)
