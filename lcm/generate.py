@@ -27,7 +27,7 @@ from flax import nnx
 from lcm import steps
 from lcm.cache.kv import KVCache
 from lcm.cache.policies import ChunkDone, KVPolicy
-from lcm.models.llama import Llama
+from lcm.models.families import Model
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -54,7 +54,7 @@ class Engine:
     actually run and keeps the last cache alive between calls; policies other than ``full`` never reuse.
     """
 
-    model: Llama
+    model: Model
     chunk_size: int = 512
     keys_pre_rope: bool = False
     policy: KVPolicy = dataclasses.field(default_factory=KVPolicy)
@@ -410,7 +410,7 @@ class Engine:
             nlls.append(np.asarray(nll[:, :n]))
         return np.concatenate(nlls, axis=1)[:, : length - 1]
 
-    def with_model(self, model: Llama) -> Engine:
+    def with_model(self, model: Model) -> Engine:
         return Engine(
             model,
             chunk_size=self.chunk_size,

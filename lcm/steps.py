@@ -17,7 +17,7 @@ from flax import nnx
 from lcm.cache.hooks import LayerHooks
 from lcm.cache.kv import KVCache, LayerCache, map_slots, with_scores
 from lcm.cache.policies import KVPolicy, compress
-from lcm.models.llama import Llama
+from lcm.models.families import Model
 
 # plain jax.jit: JAX's persistent cache (lcm.io.compile_cache) keys on the traced program, so it never goes stale
 _jit = jax.jit
@@ -32,7 +32,7 @@ def run_chunk(
     rope_seq_len: jax.Array,
     cache: KVCache,
     observers_BxC: jax.Array | None = None,
-) -> tuple[Llama, jax.Array, KVCache]:
+) -> tuple[Model, jax.Array, KVCache]:
     """One right-padded prefill chunk through the decoder (traced inside the jitted callers below); the queries
     ``observers_BxC`` marks are those the KV policy's layer hooks record from."""
     model = nnx.merge(graphdef, params)

@@ -26,11 +26,11 @@ from lcm.evals import niah, passkey, perplexity, texts
 from lcm.generate import Engine
 from lcm.io.checkpoints import load_model
 from lcm.io.compile_cache import CompileStats
-from lcm.models.llama import Llama, with_config
+from lcm.models.families import Model, with_config
 from lcm.ops.rope import parse_rope_spec
 
 
-def model_with_rope(model: Llama, spec: str) -> Llama:
+def model_with_rope(model: Model, spec: str) -> Model:
     """``spec`` is ``none``/``default`` or ``VARIANT[:k=v,...]`` (see :func:`lcm.ops.rope.parse_rope_spec`)."""
     if spec in ("none", "default", ""):
         return model
@@ -38,7 +38,7 @@ def model_with_rope(model: Llama, spec: str) -> Llama:
     return with_config(model, model.config.with_rope(variant, params))
 
 
-def context_warning(model: Llama, rope_spec: str, lengths: list[int]) -> str | None:
+def context_warning(model: Model, rope_spec: str, lengths: list[int]) -> str | None:
     trained = model.config.max_position_embeddings
     if rope_spec in ("none", "default", "") and lengths and max(lengths) > trained:
         return (
@@ -151,7 +151,7 @@ def run_suite(cfg: ml_collections.ConfigDict, log: Callable[[str], None] = print
 
 def _run_variants(
     cfg: ml_collections.ConfigDict,
-    model: Llama,
+    model: Model,
     tokenizer: Any,
     code_ids: np.ndarray | None,
     haystack: str | None,

@@ -8,10 +8,10 @@ from lcm.io.fetch import resolve_model
 from lcm.io.gguf_model import load_gguf
 from lcm.io.hf import load_hf_folder
 from lcm.io.tokenizer import TextTokenizer, text_tokenizer_from_gguf, tokenizer_from_hf_folder
-from lcm.models.llama import Llama
+from lcm.models.families import Model
 
 
-def load_model(spec: str | Path, dtype: str = "float32", progress: bool = True) -> tuple[Llama, TextTokenizer]:
+def load_model(spec: str | Path, dtype: str = "float32", progress: bool = True) -> tuple[Model, TextTokenizer]:
     """``(model, tokenizer)`` from a registered name (fetched on first use), a ``.gguf`` file or an HF folder."""
     path = resolve_model(str(spec))
     if path.is_dir():

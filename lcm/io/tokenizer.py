@@ -16,6 +16,11 @@ Deviations from transformers, each towards llama.cpp (`src/llama-vocab.cpp`) and
 - `tokenizer.ggml.add_space_prefix` is honoured (ByteLevel's `add_prefix_space`).
 - an unknown `tokenizer.ggml.pre` falls back to the GPT-2 split like transformers, but with a warning.
 
+Gemma's files (`tokenizer.ggml.model == "llama"`, architecture gemma*) hold a SentencePiece BPE vocabulary
+without merges: as transformers does, tokens of only spaces are respelled with "▁", the merges are rebuilt
+from the vocabulary in file order (Gemma's scores do not follow its merge order; the order of the tokens does),
+and the tokenizer is `GemmaTokenizer`'s: BPE with byte fallback, spaces normalised to "▁", no prefix space.
+
     tok = load_tokenizer(model_path("smollm2"))         # a .gguf file or an HF folder
     ids = tok.encode("Hello")
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}])
@@ -33,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from lcm.io.chat_template import compile_chat_template
 
@@ -104,6 +109,8 @@ def _tokenizer_metadata(reader_or_path: gguf.GGUFReader | str | os.PathLike[str]
         for key, field in reader.fields.items()
         if key.startswith("tokenizer.")
     }
+    if "general.architecture" in reader.fields:  # a SentencePiece vocabulary's layout depends on it
+        metadata["architecture"] = _field_value(reader.fields["general.architecture"])
     if "ggml.model" not in metadata or "ggml.tokens" not in metadata:
         raise ValueError(f"{reader.data.filename!r} has no tokenizer metadata (tokenizer.ggml.model/tokens)")
     return metadata
@@ -180,8 +187,54 @@ def _byte_level_bpe(metadata: dict[str, Any]) -> Tokenizer:
     return tokenizer
 
 
+def _merges_in_vocabulary_order(tokens: Sequence[str]) -> list[tuple[str, str]]:
+    """Every split of a token into two tokens, best first: earlier tokens first, and a token's splits by longer
+    left piece (transformers' ``generate_merges`` with score = -index)."""
+    index = {token: i for i, token in enumerate(tokens)}
+    merges = []
+    for token, rank in index.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in index and right in index:
+                merges.append((-rank, cut, len(token) - cut, left, right))
+    merges.sort(key=lambda m: m[:3], reverse=True)
+    return [(left, right) for *_, left, right in merges]
+
+
+def _gemma_bpe(metadata: dict[str, Any]) -> Tokenizer:
+    """Gemma's SentencePiece BPE (`tokenizer.ggml.model == "llama"`, architecture gemma*): see the module notes."""
+    architecture = metadata.get("architecture", "")
+    if not str(architecture).startswith("gemma"):
+        raise ValueError(
+            f"GGUF tokenizer 'llama' (SentencePiece) is built for Gemma files only; this file's architecture is "
+            f"{architecture!r}"
+        )
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in metadata["ggml.tokens"]]
+    unk = metadata.get("ggml.unknown_token_id")
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab={token: i for i, token in enumerate(tokens)},
+            merges=_merges_in_vocabulary_order(tokens),
+            fuse_unk=True,
+            unk_token=tokens[unk] if unk is not None else None,
+            byte_fallback=True,
+        )
+    )
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # as transformers: the file's spellings, CONTROL ones special, USER_DEFINED ones found in the vocabulary plain
+    typed = list(zip(metadata["ggml.tokens"], metadata.get("ggml.token_type", []), strict=False))
+    vocab = tokenizer.get_vocab()
+    control = [t for t, k in typed if k == TOKEN_TYPE_CONTROL]
+    user = [t for t, k in typed if k == TOKEN_TYPE_USER_DEFINED and t in vocab]
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+    return tokenizer
+
+
 # `tokenizer.ggml.model` -> builder.
-GGUF_TOKENIZER_MODELS: dict[str, Callable[[dict[str, Any]], Tokenizer]] = {"gpt2": _byte_level_bpe}
+GGUF_TOKENIZER_MODELS: dict[str, Callable[[dict[str, Any]], Tokenizer]] = {"gpt2": _byte_level_bpe, "llama": _gemma_bpe}
 
 
 def _build_from_metadata(metadata: dict[str, Any]) -> Tokenizer:

