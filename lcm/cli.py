@@ -58,14 +58,13 @@ def _float_list(text: str) -> list[float]:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from lcm.cache.policies import parse_policy
-    from lcm.evals.suite import context_warning, model_with_rope
+    from lcm.evals.suite import context_warning, model_with_rope, parse_model_rope
     from lcm.generate import Engine
     from lcm.io.checkpoints import load_model
     from lcm.io.retaining import model_for_policy
-    from lcm.ops.rope import parse_rope_spec
 
     if args.rope not in ("none", "default", ""):
-        parse_rope_spec(args.rope)  # fail on an unknown variant before loading weights
+        parse_model_rope(args.rope)  # fail on an unknown variant before loading weights
     policy = parse_policy(getattr(args, "policy", "full"), getattr(args, "budget", 0))
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model = model_for_policy(model_with_rope(model, args.rope), args.model, policy)  # heads after the RoPE swap

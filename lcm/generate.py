@@ -73,6 +73,12 @@ class Engine:
         self.config = self.model.config
         self.keys_pre_rope = self.policy.stores_keys_pre_rope(self.keys_pre_rope)
         self.policy.check_model(self.model)
+        windows = self.model.window_layers()
+        if windows and not self.policy.keeps_everything():
+            raise ValueError(
+                f"KV policy {self.policy.name!r} evicts, renumbers or selects entries, which lcm does not yet do on a "
+                f"model whose layers {list(windows)} keep only their sliding window; use the full cache (policy 'full')"
+            )
         # what the last generate() measured: its prompt cache at its largest, prefill and decode wall time
         self.last_cache_bytes, self.last_decode_steps = 0, 0
         self.last_prefill_seconds = self.last_decode_seconds = 0.0
@@ -284,7 +290,7 @@ class Engine:
         if previous is None:
             return 0
         old, cache = previous
-        if old.shape != tokens.shape or cache.capacity != _round_up(capacity, self.chunk_size):
+        if not cache.rewindable or old.shape != tokens.shape or cache.capacity != _round_up(capacity, self.chunk_size):
             return 0
         differs = np.flatnonzero((old != tokens).any(axis=0))
         common = int(differs[0]) if differs.size else tokens.shape[1]

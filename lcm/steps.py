@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcm.cache.hooks import LayerHooks
-from lcm.cache.kv import KVCache, LayerCache, map_slots, with_scores
+from lcm.cache.kv import KVCache, with_scores
 from lcm.cache.policies import KVPolicy, compress
 from lcm.models.families import Model
 
@@ -120,14 +120,13 @@ def compress_cache(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array, fin
 
 @_jit(static_argnums=(1,))
 def shrink_cache(cache: KVCache, capacities: tuple[int, ...]) -> KVCache:
-    """The first ``capacities[i]`` slots of layer ``i``'s buffers (after eviction the rest is empty)."""
-
-    def cut(layer: LayerCache, capacity: int) -> LayerCache:
-        return map_slots(layer, lambda x, axis: jax.lax.slice_in_dim(x, 0, capacity, axis=axis))
-
+    """Layer ``i`` with room for ``capacities[i]`` entries (:meth:`LayerCache.cut`: a full buffer's first slots;
+    after eviction the rest is empty)."""
     if len(capacities) != len(cache.layers):
         raise ValueError(f"shrink_cache: {len(capacities)} capacities for {len(cache.layers)} layers")
-    return dataclasses.replace(cache, layers=tuple(cut(*pair) for pair in zip(cache.layers, capacities, strict=True)))
+    return dataclasses.replace(
+        cache, layers=tuple(layer.cut(n) for layer, n in zip(cache.layers, capacities, strict=True))
+    )
 
 
 @_jit(static_argnums=(0,), donate_argnames=("cache",))

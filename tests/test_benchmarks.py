@@ -144,3 +144,27 @@ def test_layer_scan_ab_rejects_bad_input(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         _benchmark("layer_scan_ab").main(["--reps", "0"])
     assert exit_info.value.code == 2 and "need positive --chunk, --steps and --reps" in capsys.readouterr().err
+
+
+def test_gemma3_window_memory_is_the_closed_form_and_both_layouts_agree() -> None:
+    import jax.numpy as jnp
+
+    from lcm.models.gemma3 import Gemma3Config, pattern_layer_types, random_model
+
+    window = _benchmark("gemma3_window")
+    cfg = Gemma3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=6, num_heads=2, num_kv_heads=1, head_dim=8,
+        rms_norm_eps=1e-6, rope_base=1e6, local_rope_base=1e4, sliding_window=4, layer_types=pattern_layer_types(6),
+        query_pre_attn_scalar=8.0, max_position_embeddings=64,
+    )  # fmt: skip
+    model = random_model(cfg)
+    per_slot = 2 * 1 * 8 * 4 + 4  # keys and values float32, one int32 position
+    capacity = 40
+    assert window._bytes(model, capacity, False) == 6 * (capacity * per_slot + 4)
+    assert window._bytes(model, capacity, True) == 5 * (4 * per_slot + 4) + 1 * (capacity * per_slot + 4)
+    logits = []
+    for layout in (True, False):
+        cache = window._filled(model, 30, layout, seed=1)
+        hidden, _ = model.hidden_states(jnp.zeros((1, 1), jnp.int32), jnp.asarray([[30]]), cache)
+        logits.append(model.logits(hidden))
+    assert jnp.allclose(logits[0], logits[1], atol=1e-5)

@@ -26,6 +26,11 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
         (["eval", "passkey", "--model", "/nonexistent/model.gguf", "--lengths", "64"], "not found"),
         (["eval", "passkey", "--rope", "warp:factor=2", "--lengths", "64"], "unknown rope variant 'warp'"),
         (["eval", "passkey", "--rope", "linear:scale=2", "--lengths", "64"], "scale"),
+        (["eval", "passkey", "--rope", "linear:factor=2,layers=local", "--lengths", "64"], "layers='local'"),
+        (
+            ["eval", "passkey", "--rope", "linear:factor=2,layers=all,layers=all", "--lengths", "64"],
+            "'layers' given twice",
+        ),
         (["eval", "passkey", "--lengths", "64", "--trials", "0"], "--trials=0"),
         (["eval", "passkey", "--lengths", "64", "--depth", "1.5"], "--depth=1.5"),
         (["run", "configs/nope.py"], "does not exist"),

@@ -133,3 +133,21 @@ def test_hlo_identity_ignores_metadata_but_sees_every_instruction(tmp_path: Path
     assert hlo.compare(tmp_path / "before", tmp_path / "same") == 0
     assert hlo.compare(tmp_path / "before", tmp_path / "after") == 1
     assert "DIFFERENT  p_decode_block.hlo" in capsys.readouterr().out
+
+
+def test_gemma3_passkey_parity_rejects_bad_arguments(tmp_path: Path) -> None:
+    script = _experiment("gemma3_passkey_parity")
+    for bad in (["--trials", "0"], ["--length", "-1"], ["--out", str(tmp_path)]):
+        with pytest.raises(SystemExit) as err:
+            script.main([*bad, *([] if "--out" in bad else ["--out", str(tmp_path / "x.jsonl")])])
+        assert err.value.code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_gemma3_greedy_passkey_ids_equal_transformers_at_4k(tmp_path: Path, gemma3_gguf: Path) -> None:
+    """[M]'s must-show: ten passkey prompts at 4k, lcm's greedy ids equal transformers' (~10 min on 2 cores)."""
+    script = _experiment("gemma3_passkey_parity")
+    out = tmp_path / "parity.jsonl"
+    assert script.main(["--length", "4096", "--trials", "10", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 10

@@ -16,6 +16,11 @@ With ``keys_pre_rope=True`` keys are stored *before* rotation and rotated at rea
 policy that renumbers positions (TokenSelect, InfiniPot, Locret, CLEX when its scale changes) then edits
 ``positions`` only. With ``False`` (the default, what transformers does) keys are stored rotated.
 
+A sliding-window layer (Gemma 3's local layers) holds a :class:`WindowCache`: a buffer of its ``window`` latest
+entries only, whatever the sequence's length, behind the same interface (``length`` and ``capacity`` count the
+whole sequence, as a full buffer's would; ``keys.shape`` is the window). A layer writes and reads its state through
+:meth:`LayerCache.write` and :meth:`LayerCache.settled`, so the decoder layer never asks which kind it holds.
+
 ``hooks`` (static) is what the KV policy does inside every layer (:mod:`lcm.cache.hooks`): what it records while a
 chunk passes, what a step attends to (TokenSelect: a selection, whose cache each layer's ``selection`` carries from
 step to step).
@@ -24,12 +29,15 @@ step to step).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from lcm.ops import masks
+from lcm.ops.masks import Mask
 from lcm.ops.token_select import SelectionCache
 
 
@@ -46,9 +54,87 @@ class LayerCache:
     token_nll: jax.Array | None = None  # [B, K, S] float32: each entry's token NLL when fed (InfiniPot's NuC)
     selection: SelectionCache | None = None  # TokenSelect's selection cache of this layer
 
+    rewindable: ClassVar[bool] = True  # a prefix of what it holds can be kept by setting `length` back
+
     @property
     def capacity(self) -> int:
         return self.keys.shape[2]
+
+    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, mask: Mask) -> tuple[LayerCache, Mask]:
+        """The state with a chunk's keys/values ``[B, T, K, D]`` and positions ``[B, T]`` written after its
+        ``length`` filled slots (``length`` not advanced yet), and ``mask`` placed on the buffer: the visibility of
+        the chunk's queries over it (queries from slot ``length``, keys up to the chunk's end)."""
+        start = self.length
+        keys, values = write_layer(self.keys, self.values, start, k, v)
+        zero = jnp.zeros((), jnp.int32)
+        positions = jax.lax.dynamic_update_slice(self.positions, positions, (zero, start))
+        state = dataclasses.replace(self, keys=keys, values=values, positions=positions)
+        return state, mask & masks.offsets(q_offset=start, kv_length=start + k.shape[1])
+
+    def settled(self, num_valid: jax.Array) -> LayerCache:
+        """The state to keep after a chunk of ``num_valid`` real tokens was written and attended (a full buffer
+        keeps it as it is)."""
+        del num_valid
+        return self
+
+    def cut(self, capacity: int) -> LayerCache:
+        """The state with room for ``capacity`` entries: the first ``capacity`` slots (the rest are empty)."""
+        return map_slots(self, lambda x, axis: jax.lax.slice_in_dim(x, 0, capacity, axis=axis))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class WindowCache(LayerCache):
+    """A sliding-window layer's state: its ``window`` latest entries, right-aligned (the newest in the last slot,
+    empty slots first while fewer have been seen), so the layer's memory is the window's whatever the length.
+
+    ``length`` counts every entry written, as a full buffer's would, and ``capacity`` is the room the Engine asked
+    for; ``keys.shape[2] == window``. While a chunk of ``T`` tokens runs, the layer attends over ``window + T``
+    slots (the window before the chunk, then the chunk: query ``t`` sits at slot ``window + t`` and sees back
+    ``window - 1`` slots, all inside), and keeps the last ``window`` real ones. The window must be the layer mask's.
+    """
+
+    window: int = dataclasses.field(default=0, metadata={"static": True})
+    room: int = dataclasses.field(default=0, metadata={"static": True})  # the capacity the Engine asked for
+
+    rewindable: ClassVar[bool] = False  # entries past the window are gone
+
+    def __post_init__(self) -> None:  # static fields only: JAX rebuilds states with placeholder leaves
+        if self.window <= 0:
+            raise ValueError(f"a window cache needs a positive window, got {self.window}")
+
+    @property
+    def capacity(self) -> int:
+        return self.room
+
+    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, mask: Mask) -> tuple[LayerCache, Mask]:
+        if mask.window != self.window:
+            raise ValueError(f"a window cache of {self.window} slots attended with a mask of window {mask.window}")
+        window, chunk = self.window, k.shape[1]
+        join = functools.partial(jnp.concatenate, axis=2)
+        keys = join([self.keys, k.swapaxes(1, 2).astype(self.keys.dtype)])
+        values = join([self.values, v.swapaxes(1, 2).astype(self.values.dtype)])
+        positions = jnp.concatenate([self.positions, positions.astype(jnp.int32)], axis=1)
+        filled = jnp.minimum(self.length, window)
+        first = window - filled  # the first filled slot of the window
+        if mask.kv_start is not None:  # left padding: the rows' first real slot, in this buffer's slots
+            first = jnp.maximum(mask.kv_start - (self.length - window), first)
+        batch = k.shape[0]
+        state = dataclasses.replace(self, keys=keys, values=values, positions=positions)
+        placed = dataclasses.replace(
+            mask,
+            q_offset=jnp.int32(window),
+            kv_length=jnp.int32(window + chunk),
+            kv_start=jnp.broadcast_to(jnp.asarray(first, jnp.int32), (batch,)),
+        )
+        return state, placed
+
+    def settled(self, num_valid: jax.Array) -> LayerCache:
+        window = self.window
+        return map_slots(self, lambda x, axis: jax.lax.dynamic_slice_in_dim(x, num_valid, window, axis=axis))
+
+    def cut(self, capacity: int) -> LayerCache:
+        return dataclasses.replace(self, room=capacity)
 
 
 # Every array a layer holds per slot, with its logical axes ("length" is the slot axis): the one list that gathers,
@@ -103,6 +189,11 @@ class KVCache:
         return self.layers[0].length
 
     @property
+    def rewindable(self) -> bool:
+        """Whether setting ``length`` back keeps a prefix of what every layer holds (not past a window)."""
+        return all(layer.rewindable for layer in self.layers)
+
+    @property
     def num_bytes(self) -> int:
         return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves((self.layers, self.starts)))
 
@@ -146,6 +237,19 @@ def init_layer(
         values=jnp.zeros(shape, dtype),
         positions=jnp.zeros((batch, capacity), jnp.int32),
         length=jnp.zeros((), jnp.int32),
+    )
+
+
+def init_window_layer(
+    batch: int, capacity: int, window: int, num_kv_heads: int, head_dim: int, dtype: jnp.dtype = jnp.float32
+) -> LayerCache:
+    """A sliding-window layer's empty state for ``capacity`` entries: a :class:`WindowCache` of ``window`` slots, or
+    a full buffer when ``capacity`` fits in the window anyway."""
+    layer = init_layer(batch, min(capacity, window), num_kv_heads, head_dim, dtype)
+    if capacity <= window:
+        return layer
+    return WindowCache(
+        **{f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)}, window=window, room=capacity
     )
 
 

@@ -57,7 +57,7 @@ class GridSpec:
     def __post_init__(self) -> None:
         from lcm.cache.policies import POLICIES, parse_policy
         from lcm.evals.registry import get_task
-        from lcm.ops.rope import parse_rope_spec
+        from lcm.evals.suite import parse_model_rope
 
         for task in self.tasks:
             if task.startswith(FILE_PREFIX):
@@ -69,7 +69,7 @@ class GridSpec:
             raise ValueError(f"need tasks and positive lengths, got tasks={self.tasks} lengths={self.lengths}")
         for rope in self.ropes:
             if rope not in ("none", "default", ""):
-                parse_rope_spec(rope)
+                parse_model_rope(rope)
         for policy in self.policies:
             if policy.partition(":")[0] not in POLICIES:
                 raise ValueError(f"unknown KV policy {policy!r}; choose one of {sorted(POLICIES)}")

@@ -29,13 +29,32 @@ from lcm.io.compile_cache import CompileStats
 from lcm.models.families import Model, with_config
 from lcm.ops.rope import parse_rope_spec
 
+ROPE_LAYERS = ("global", "all")
+
+
+def parse_model_rope(spec: str) -> tuple[str, dict[str, Any], str]:
+    """``VARIANT[:k=v,...][,layers=global|all]``: :func:`lcm.ops.rope.parse_rope_spec`, plus which layers the
+    variant scales on a model with sliding-window layers (Gemma 3): ``global`` (the default, Gemma's own recipe)
+    or ``all`` (the local layers too, each kind on its own base). A model whose layers are all global takes either.
+    """
+    name, colon, body = spec.partition(":")
+    items = [item for item in (part.strip() for part in body.split(",")) if item]
+    layers = [item.partition("=")[2].strip() for item in items if item.partition("=")[0].strip() == "layers"]
+    if len(layers) > 1:
+        raise ValueError(f"rope spec {spec!r}: parameter 'layers' given twice")
+    if layers and layers[0] not in ROPE_LAYERS:
+        raise ValueError(f"rope spec {spec!r}: layers={layers[0]!r}; choose one of {list(ROPE_LAYERS)}")
+    rest = ",".join(item for item in items if item.partition("=")[0].strip() != "layers")
+    variant, params = parse_rope_spec(name + (colon + rest if rest else ""))
+    return variant, params, layers[0] if layers else "global"
+
 
 def model_with_rope(model: Model, spec: str) -> Model:
-    """``spec`` is ``none``/``default`` or ``VARIANT[:k=v,...]`` (see :func:`lcm.ops.rope.parse_rope_spec`)."""
+    """``spec`` is ``none``/``default`` or ``VARIANT[:k=v,...][,layers=global|all]`` (:func:`parse_model_rope`)."""
     if spec in ("none", "default", ""):
         return model
-    variant, params = parse_rope_spec(spec)
-    return with_config(model, model.config.with_rope(variant, params))
+    variant, params, layers = parse_model_rope(spec)
+    return with_config(model, model.config.with_rope(variant, params, layers=layers))
 
 
 def context_warning(model: Model, rope_spec: str, lengths: list[int]) -> str | None:

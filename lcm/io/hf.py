@@ -116,9 +116,14 @@ def gemma3_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> gemm
     else:  # transformers 4: rope_theta (global), rope_local_base_freq, rope_scaling (global)
         full = dict(hf.get("rope_scaling") or {}) | {"rope_theta": hf.get("rope_theta", 1_000_000.0)}
         local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
-    if local.get("rope_type", local.get("type", "default")) != "default":
-        raise ValueError(f"scaled RoPE on the sliding-window layers ({local}) is not supported")
-    variant, params = _rope_settings(full, max_pos, hf.get("original_max_position_embeddings", max_pos))
+    original = hf.get("original_max_position_embeddings", max_pos)
+    variant, params = _rope_settings(full, max_pos, original)
+    scaled_local = local.get("rope_type", local.get("type", "default")) != "default"
+    if scaled_local and _rope_settings(local, max_pos, original) != (variant, params):
+        raise ValueError(
+            f"the sliding-window layers' RoPE {local} differs from the global layers' {full}; lcm scales the global "
+            "layers alone or both kinds alike"
+        )
     layers = hf["num_hidden_layers"]
     layer_types = hf.get("layer_types") or gemma3.pattern_layer_types(layers, hf.get("sliding_window_pattern", 6))
     return gemma3.Gemma3Config(
@@ -138,6 +143,7 @@ def gemma3_config_from_hf(hf: Mapping[str, Any], dtype: str = "float32") -> gemm
         max_position_embeddings=max_pos,
         rope_variant=variant,
         rope_params=tuple(sorted(params.items())),
+        rope_local_layers=scaled_local,
         dtype=dtype,
         param_dtype=dtype,
     )

@@ -23,10 +23,10 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from lcm.cache.hooks import LayerHooks, LayerView
-from lcm.cache.kv import LayerCache, write_layer
+from lcm.cache.kv import LayerCache
 from lcm.kernels.attention import api as attention_api
 from lcm.kernels.attention.config import CpuConfig, XlaConfig
-from lcm.ops import masks, rotary
+from lcm.ops import rotary
 from lcm.ops.masks import Mask
 
 Rotation = tuple[Float[Array, "B T R"], Float[Array, "B T R"]]
@@ -130,11 +130,9 @@ def decoder_layer(
 
     start = state.length
     k = k_pre if settings.keys_pre_rope else rotary.rotate(k_pre, *inputs.rotation)
-    keys, values = write_layer(state.keys, state.values, start, k, v)
-    zero = jnp.zeros((), jnp.int32)
-    positions = jax.lax.dynamic_update_slice(state.positions, inputs.positions, (zero, start))
-    # the chunk sits at slots start..; the buffer is filled up to its end
-    mask = inputs.mask & masks.offsets(q_offset=start, kv_length=start + x.shape[1])
+    # the chunk goes into the buffer (after its filled slots; a window keeps its latest entries) and the mask onto it
+    written, mask = state.write(k, v, inputs.positions, inputs.mask)
+    keys, values, positions = written.keys, written.values, written.positions
 
     def rotated_keys() -> jax.Array:
         """The buffer's keys as attention reads them: rotated from the slot positions when stored pre-RoPE, with
@@ -179,7 +177,7 @@ def decoder_layer(
         module=block,
         keys_pre_rope=settings.keys_pre_rope,
     )
-    state = dataclasses.replace(state, keys=keys, values=values, positions=positions, length=start + inputs.num_valid)
+    state = dataclasses.replace(written, length=start + inputs.num_valid)
     attn, state = hooks.attend(view, state, attend_all)
     state = hooks.record(view, state)
-    return block.add_mlp(block.add_attention(x, attn)), state
+    return block.add_mlp(block.add_attention(x, attn)), state.settled(inputs.num_valid)

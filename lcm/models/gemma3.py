@@ -34,7 +34,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from lcm.cache.hooks import LayerHooks
-from lcm.cache.kv import KVCache, init_cache
+from lcm.cache.kv import KVCache, init_cache, init_window_layer
 from lcm.models import decoder
 from lcm.models.decoder_layer import LayerInputs, LayerSettings, decoder_layer
 from lcm.ops import masks, rotary
@@ -91,6 +91,7 @@ class Gemma3Config:
     max_position_embeddings: int  # trained context length L0
     rope_variant: str = "default"  # a name in lcm.ops.rope.ROPE_VARIANTS, for the global layers
     rope_params: tuple[tuple[str, Any], ...] = ()
+    rope_local_layers: bool = False  # the variant on the sliding-window layers too (their own base); False: Gemma's
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_q_block: int = 256
@@ -145,13 +146,18 @@ class Gemma3Config:
     def jnp_param_dtype(self) -> jnp.dtype:
         return decoder.DTYPES[self.param_dtype]
 
-    def with_rope(self, variant: str, params: dict[str, Any] | None = None) -> Gemma3Config:
-        """The same model with another RoPE variant on its global layers (``original_max_position_embeddings``
-        defaults to L0); the local layers keep their base."""
+    def with_rope(self, variant: str, params: dict[str, Any] | None = None, layers: str = "global") -> Gemma3Config:
+        """The same model with another RoPE variant (``original_max_position_embeddings`` defaults to L0) on its
+        global layers (``layers="global"``, Gemma's own long-context recipe: the local layers keep their default
+        RoPE) or on every layer (``"all"``, each kind scaling its own base)."""
+        if layers not in ("global", "all"):
+            raise ValueError(f"layers={layers!r}; choose one of ['global', 'all']")
         params = dict(params or {})
         if variant in _USES_ORIGINAL_LENGTH:
             params.setdefault("original_max_position_embeddings", self.max_position_embeddings)
-        return dataclasses.replace(self, rope_variant=variant, rope_params=tuple(sorted(params.items())))
+        return dataclasses.replace(
+            self, rope_variant=variant, rope_params=tuple(sorted(params.items())), rope_local_layers=layers == "all"
+        )
 
 
 class RMSNorm(nnx.Module):
@@ -242,9 +248,23 @@ class Gemma3(nnx.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
 
     def init_cache(self, batch: int, capacity: int | Sequence[int], keys_pre_rope: bool = False) -> KVCache:
-        """An empty cache of ``capacity`` slots in every layer, or one capacity per layer."""
+        """An empty cache for ``capacity`` entries in every layer (or one capacity per layer): the global layers'
+        buffers hold them all, the sliding-window layers' only their window (:class:`~lcm.cache.kv.WindowCache`)."""
         cfg = self.config
-        return init_cache(cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype, keys_pre_rope)
+        cache = init_cache(
+            cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype, keys_pre_rope
+        )
+        layers = list(cache.layers)
+        for i in self.window_layers():
+            room = layers[i].capacity
+            layers[i] = init_window_layer(
+                batch, room, cfg.sliding_window, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype
+            )
+        return dataclasses.replace(cache, layers=tuple(layers))
+
+    def window_layers(self) -> tuple[int, ...]:
+        """The layers whose state keeps only their window of entries (the sliding-window ones)."""
+        return tuple(i for i, kind in enumerate(self.config.layer_types) if kind == SLIDING)
 
     def rope_tables(self, seq_len: jax.Array | int) -> tuple[jax.Array, jax.Array | float]:
         """The global layers' inverse frequencies and attention factor (the RoPE variant acts on these)."""
@@ -254,7 +274,13 @@ class Gemma3(nnx.Module):
         )
 
     def local_rope_tables(self, seq_len: jax.Array | int) -> tuple[jax.Array, jax.Array | float]:
+        """The sliding-window layers' tables: their base, default RoPE unless the variant was asked for them too."""
         cfg = self.config
+        if cfg.rope_local_layers:
+            params = dict(cfg.rope_params)
+            return rope_ops.rope_frequencies(
+                cfg.rope_variant, cfg.head_dim, cfg.local_rope_base, params, seq_len=seq_len
+            )
         return rope_ops.rope_frequencies("default", cfg.head_dim, cfg.local_rope_base, {}, seq_len=seq_len)
 
     def _embed(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:

@@ -133,8 +133,11 @@ class LlamaConfig:
     def jnp_param_dtype(self) -> jnp.dtype:
         return decoder.DTYPES[self.param_dtype]
 
-    def with_rope(self, variant: str, params: dict[str, Any] | None = None) -> LlamaConfig:
-        """The same model with another RoPE variant (``original_max_position_embeddings`` defaults to L0)."""
+    def with_rope(self, variant: str, params: dict[str, Any] | None = None, layers: str = "all") -> LlamaConfig:
+        """The same model with another RoPE variant (``original_max_position_embeddings`` defaults to L0), on every
+        layer: all of them are global, so ``layers`` may be ``global`` or ``all``."""
+        if layers not in ("global", "all"):
+            raise ValueError(f"layers={layers!r}; choose one of ['global', 'all']")
         params = dict(params or {})
         if variant in _USES_ORIGINAL_LENGTH:
             params.setdefault("original_max_position_embeddings", self.max_position_embeddings)
@@ -248,6 +251,11 @@ class Llama(nnx.Module):
         """An empty cache of ``capacity`` slots in every layer, or one capacity per layer."""
         cfg = self.config
         return init_cache(cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype, keys_pre_rope)
+
+    def window_layers(self) -> tuple[int, ...]:
+        """The layers whose state keeps only a window of entries: none (Mistral's window is a mask over a full
+        buffer)."""
+        return ()
 
     def rope_tables(self, seq_len: jax.Array | int) -> tuple[jax.Array, jax.Array | float]:
         cfg = self.config

@@ -50,6 +50,12 @@ CASES: dict[str, dict[str, Any]] = {
     "default": {},
     "query_scalar_and_bases": {"query_pre_attn_scalar": 24, "rope_theta": 5000.0, "rope_local_base_freq": 300.0},
     "linear_rope_on_global_layers": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    "linear_rope_on_all_layers": {  # transformers 5's per-kind layout
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0},
+        }
+    },
 }
 
 
@@ -112,6 +118,20 @@ def test_logits_match_transformers(checkpoints, case: str) -> None:
     chex.assert_trees_all_close(model(jnp.asarray(tokens), positions)[0], expected, **PARITY_TOL)
 
 
+def test_layers_all_is_the_variant_on_both_kinds(checkpoints) -> None:
+    """``with_rope(..., layers="all")`` on the default checkpoint is transformers' per-kind scaled model; the global
+    layers alone are not (so the option is not a no-op)."""
+    folder, tokens, expected = checkpoints("linear_rope_on_all_layers")
+    assert load_hf_folder(folder, progress=False).config.rope_local_layers
+    plain = load_hf_folder(checkpoints("linear_rope_on_all_layers")[0], progress=False)
+    base = dataclasses.replace(plain.config, rope_variant="default", rope_params=(), rope_local_layers=False)
+    model = families.with_config(plain, base)
+    every = families.with_config(model, model.config.with_rope("linear", {"factor": 4.0}, layers="all"))
+    chex.assert_trees_all_close(_lcm_logits(every, tokens), expected, **PARITY_TOL)
+    only_global = families.with_config(model, model.config.with_rope("linear", {"factor": 4.0}))
+    assert np.abs(np.asarray(_lcm_logits(only_global, tokens)) - expected).max() > 100 * PARITY_TOL["atol"]
+
+
 def test_config_reads_each_case(checkpoints) -> None:
     cfg = load_hf_folder(checkpoints("query_scalar_and_bases")[0], progress=False).config
     assert (cfg.query_pre_attn_scalar, cfg.rope_base, cfg.local_rope_base) == (24.0, 5000.0, 300.0)
@@ -144,6 +164,15 @@ def test_a_wrong_window_or_rope_is_detected(checkpoints, case: str, change: dict
         ({"use_bidirectional_attention": True}, "use_bidirectional_attention=true"),
         ({"tie_word_embeddings": False}, "tie_word_embeddings=false is not supported"),
         ({"layer_types": [SLIDING, "chunked_attention"]}, "layer_types must give one of"),
+        (
+            {
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "linear", "factor": 4.0},
+                    "sliding_attention": {"rope_type": "linear", "factor": 2.0},
+                }
+            },
+            "the sliding-window layers' RoPE .* differs from the global layers'",
+        ),
     ],
 )
 def test_config_errors_are_one_line(overrides: dict, message: str) -> None:

@@ -52,6 +52,52 @@ def test_cached_chunks_and_steps_are_the_training_forward() -> None:
     chex.assert_trees_all_close(np.concatenate(got, axis=1), expected, **TOL)
 
 
+def test_window_layers_hold_only_their_window() -> None:
+    """The sliding-window layers' buffers are ``window`` slots between calls, whatever the length; the global ones
+    the full capacity; the outputs are the training forward's (chunks longer and shorter than the window)."""
+    cfg = Gemma3Config(**TINY)
+    model = random_model(cfg, seed=5)
+    tokens = np.random.default_rng(2).integers(0, 96, (1, 30)).astype(np.int32)
+    expected = _full_logits(model, tokens)
+    cache = model.init_cache(1, 32)
+    assert [i for i, kind in enumerate(cfg.layer_types) if kind == SLIDING] == list(model.window_layers()) == [0, 2]
+    start = 0
+    for size in (8, 3, 1, 1, 12, 1, 4):
+        positions = jnp.arange(start, start + size)[None]
+        logits, cache = model(jnp.asarray(tokens[:, start : start + size]), positions, cache)
+        chex.assert_trees_all_close(np.asarray(logits), expected[:, start : start + size], **TOL)
+        start += size
+        for i, layer in enumerate(cache.layers):
+            slots = cfg.sliding_window if i in model.window_layers() else 32
+            chex.assert_shape([layer.keys, layer.values], (1, cfg.num_kv_heads, slots, cfg.head_dim))
+            assert int(layer.length) == start and layer.capacity == 32
+        window = cache.layers[0]  # the latest window entries, right-aligned, with their positions
+        np.testing.assert_array_equal(np.asarray(window.positions[0, -min(start, 5) :]), np.arange(start)[-5:])
+
+
+def test_left_padded_rows_are_each_alone() -> None:
+    model = random_model(Gemma3Config(**TINY), seed=6)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 96, n).tolist() for n in (13, 30, 7)]
+    engine = Engine(model, chunk_size=8)
+    together = engine.generate_many(prompts, 5, batch_size=3)
+    alone = [engine.generate(np.asarray([p]), 5)[0] for p in prompts]
+    for a, b in zip(together, alone, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_policies_that_evict_are_refused_on_window_layers() -> None:
+    from lcm.cache.policies import parse_policy
+
+    model = random_model(Gemma3Config(**TINY))
+    with pytest.raises(
+        ValueError, match=r"KV policy 'h2o' evicts, .* layers \[0, 2\] keep only their sliding window"
+    ) as err:
+        Engine(model, policy=parse_policy("h2o", 16))
+    assert "\n" not in str(err.value)
+    Engine(model, policy=parse_policy("full", 0))
+
+
 def test_packed_documents_do_not_see_each_other() -> None:
     model = random_model(Gemma3Config(**TINY), seed=4)
     rng = np.random.default_rng(1)
@@ -107,3 +153,15 @@ def test_scan_is_refused() -> None:
     model = random_model(Gemma3Config(**TINY))
     with pytest.raises(ValueError, match="scan=True is not supported"):
         model.train_forward(jnp.zeros((1, 4), jnp.int32), jnp.arange(4)[None], scan=True)
+
+
+def test_rope_layers_option_parses_and_applies() -> None:
+    from lcm.evals.suite import model_with_rope, parse_model_rope
+
+    assert parse_model_rope("linear:factor=2") == ("linear", {"factor": 2.0}, "global")
+    assert parse_model_rope("linear:layers=all,factor=2") == ("linear", {"factor": 2.0}, "all")
+    model = random_model(Gemma3Config(**TINY))
+    assert not model_with_rope(model, "linear:factor=2").config.rope_local_layers
+    assert model_with_rope(model, "linear:factor=2,layers=all").config.rope_local_layers
+    with pytest.raises(ValueError, match="layers='some'; choose one of"):
+        parse_model_rope("yarn:factor=2,layers=some")
