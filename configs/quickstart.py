@@ -28,9 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.niah = ml_collections.ConfigDict()
     cfg.niah.lengths = (1024, 2048)  # haystack lengths in tokens
     cfg.niah.depths = (0.0, 0.5, 1.0)  # needle depths
-    cfg.niah.haystack = ""  # text file; "" = the Python reference docs (pydoc_data)
+    cfg.niah.haystack = ""  # prose (the Python reference docs, the default "") | code | a text file
 
     cfg.perplexity = ml_collections.ConfigDict()
     cfg.perplexity.lengths = (256, 512, 1024, 2048, 4096)  # prefix lengths in tokens
-    cfg.perplexity.input = ""  # text file; "" = the source of typing.py
+    cfg.perplexity.input = ""  # code (the source of typing.py, the default "") | prose (the Python docs) | a text file
     return cfg

@@ -155,11 +155,11 @@ def run_suite(cfg: ml_collections.ConfigDict, log: Callable[[str], None] = print
     }
     code_ids = None
     if cfg.perplexity.lengths:
-        text = texts.read_text(cfg.perplexity.input) if cfg.perplexity.input else texts.stdlib_code()
+        text = texts.text_from(cfg.perplexity.input, "code")
         code_ids = np.array(tokenizer.encode(text))
     haystack = None
     if cfg.niah.lengths:
-        haystack = texts.read_text(cfg.niah.haystack) if cfg.niah.haystack else texts.stdlib_prose()
+        haystack = texts.text_from(cfg.niah.haystack, "prose")
 
     with CompileStats() as stats:  # every compilation of the run, reported in results.json and results.md
         table = _run_variants(cfg, model, tokenizer, code_ids, haystack, out, results, started, stats, log)

@@ -33,3 +33,13 @@ def stdlib_prose() -> str:
     except ImportError as err:  # some distributions strip pydoc_data
         raise FileNotFoundError("this Python has no pydoc_data; pass a haystack text file instead") from err
     return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+BUILTIN = {"code": stdlib_code, "prose": stdlib_prose}
+
+
+def text_from(spec: str, default: str) -> str:
+    """A built-in text by name (``code``: ``typing.py``; ``prose``: the reference docs), ``default``'s for ``""``,
+    else a UTF-8 file (:func:`read_text`)."""
+    name = spec or default
+    return BUILTIN[name]() if name in BUILTIN else read_text(name)

@@ -21,10 +21,67 @@ from lcm.cache.kv import KVCache, LayerCache
 from lcm.kernels.attention import api as attention_api
 from lcm.kernels.attention.config import XlaConfig
 from lcm.models.decoder_layer import AttentionSettings, LayerInputs
+from lcm.ops import rope as rope_ops
 from lcm.ops import rotary
 from lcm.ops.masks import Mask
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+_POSITIVE = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "attention_q_block",
+    "attention_kv_block",
+    "attention_decode_kv_block",
+)
+# RoPE variants that scale relative to the trained context L0; `rope_fields` fills it in from the config
+USES_ORIGINAL_LENGTH = frozenset({"dynamic", "yarn", "llama3", "longrope"})
+
+
+class DecoderConfig:
+    """What every decoder config (a frozen dataclass) shares: the checks of its common fields, its dtypes, and the
+    fields of another RoPE variant. A family's config adds its own fields and checks."""
+
+    def check_common(self, *positive: str) -> None:
+        """One-line ValueErrors for the fields every family has (and ``positive`` ones of its own); freezes
+        ``rope_params`` into sorted pairs and validates them for the head dimension."""
+        for name in (*_POSITIVE, *positive):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        check_dtypes(self)
+        check_attention_implementation(self.attention_implementation)
+        frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.rope_params).items()}
+        object.__setattr__(self, "rope_params", tuple(sorted(frozen.items())))
+        rope_ops.validate_rope_params(self.rope_variant, dict(self.rope_params), self.head_dim)
+
+    @property
+    def jnp_dtype(self) -> jnp.dtype:
+        """The compute dtype (activations, the KV cache)."""
+        return DTYPES[self.dtype]
+
+    @property
+    def jnp_param_dtype(self) -> jnp.dtype:
+        """The parameters' dtype as stored (cast to the compute dtype where used)."""
+        return DTYPES[self.param_dtype]
+
+    def rope_fields(self, variant: str, params: dict[str, Any] | None, layers: str) -> dict[str, Any]:
+        """``rope_variant``/``rope_params`` of another variant (``original_max_position_embeddings`` defaults to
+        L0); ``layers`` is checked to be ``global`` or ``all``."""
+        if layers not in ("global", "all"):
+            raise ValueError(f"layers={layers!r}; choose one of ['global', 'all']")
+        params = dict(params or {})
+        if variant in USES_ORIGINAL_LENGTH:
+            params.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+        return {"rope_variant": variant, "rope_params": tuple(sorted(params.items()))}
 
 
 def check_dtypes(cfg: Any) -> None:

@@ -41,7 +41,6 @@ from lcm.ops import masks, rotary
 from lcm.ops import rope as rope_ops
 
 SLIDING, FULL = "sliding_attention", "full_attention"  # transformers' names for the two layer kinds
-_USES_ORIGINAL_LENGTH = frozenset({"dynamic", "yarn", "llama3", "longrope"})
 
 
 def pattern_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
@@ -71,7 +70,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3Config:
+class Gemma3Config(decoder.DecoderConfig):
     """Architecture of one Gemma 3 text decoder; validated on construction, no architecture defaults (a named
     preset, :meth:`preset`, or a checkpoint). Runtime settings have defaults, as :class:`LlamaConfig`'s."""
 
@@ -106,25 +105,7 @@ class Gemma3Config:
         return cls(**(PRESETS[name] | overrides))
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "sliding_window",
-            "attention_q_block",
-            "attention_kv_block",
-            "attention_decode_kv_block",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        self.check_common("head_dim", "sliding_window")
         if self.query_pre_attn_scalar <= 0:
             raise ValueError(f"query_pre_attn_scalar={self.query_pre_attn_scalar} must be positive")
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -132,32 +113,13 @@ class Gemma3Config:
             raise ValueError(
                 f"layer_types must give one of {(SLIDING, FULL)} per layer ({self.num_layers}), got {self.layer_types}"
             )
-        decoder.check_dtypes(self)
-        decoder.check_attention_implementation(self.attention_implementation)
-        frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.rope_params).items()}
-        object.__setattr__(self, "rope_params", tuple(sorted(frozen.items())))
-        rope_ops.validate_rope_params(self.rope_variant, dict(self.rope_params), self.head_dim)
-
-    @property
-    def jnp_dtype(self) -> jnp.dtype:
-        return decoder.DTYPES[self.dtype]
-
-    @property
-    def jnp_param_dtype(self) -> jnp.dtype:
-        return decoder.DTYPES[self.param_dtype]
 
     def with_rope(self, variant: str, params: dict[str, Any] | None = None, layers: str = "global") -> Gemma3Config:
         """The same model with another RoPE variant (``original_max_position_embeddings`` defaults to L0) on its
         global layers (``layers="global"``, Gemma's own long-context recipe: the local layers keep their default
         RoPE) or on every layer (``"all"``, each kind scaling its own base)."""
-        if layers not in ("global", "all"):
-            raise ValueError(f"layers={layers!r}; choose one of ['global', 'all']")
-        params = dict(params or {})
-        if variant in _USES_ORIGINAL_LENGTH:
-            params.setdefault("original_max_position_embeddings", self.max_position_embeddings)
-        return dataclasses.replace(
-            self, rope_variant=variant, rope_params=tuple(sorted(params.items())), rope_local_layers=layers == "all"
-        )
+        fields = self.rope_fields(variant, params, layers)
+        return dataclasses.replace(self, **fields, rope_local_layers=layers == "all")
 
 
 class RMSNorm(nnx.Module):

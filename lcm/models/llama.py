@@ -33,8 +33,6 @@ from lcm.models.decoder_layer import LayerInputs, LayerSettings, decoder_layer
 from lcm.ops import masks, rotary
 from lcm.ops import rope as rope_ops
 
-# variants that scale relative to the trained context L0; `with_rope` fills it in from the model
-_USES_ORIGINAL_LENGTH = frozenset({"dynamic", "yarn", "llama3", "longrope"})
 # named architectures: what a config needs beyond runtime settings
 PRESETS: dict[str, dict[str, Any]] = {
     # HuggingFaceTB/SmolLM2-135M(-Instruct): config.json of the release
@@ -54,7 +52,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(decoder.DecoderConfig):
     """Architecture of one decoder; validated on construction. The architecture has no defaults: it comes from a
     named preset (:meth:`preset`, :data:`PRESETS`) or a checkpoint (``lcm.io``). Runtime settings have defaults."""
 
@@ -99,49 +97,14 @@ class LlamaConfig:
             if self.hidden_size % self.num_heads:
                 raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "attention_q_block",
-            "attention_kv_block",
-            "attention_decode_kv_block",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        decoder.check_dtypes(self)
+        self.check_common()
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
-        decoder.check_attention_implementation(self.attention_implementation)
-        frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.rope_params).items()}
-        object.__setattr__(self, "rope_params", tuple(sorted(frozen.items())))
-        rope_ops.validate_rope_params(self.rope_variant, dict(self.rope_params), self.head_dim)
-
-    @property
-    def jnp_dtype(self) -> jnp.dtype:
-        """The compute dtype (activations, the KV cache)."""
-        return decoder.DTYPES[self.dtype]
-
-    @property
-    def jnp_param_dtype(self) -> jnp.dtype:
-        return decoder.DTYPES[self.param_dtype]
 
     def with_rope(self, variant: str, params: dict[str, Any] | None = None, layers: str = "all") -> LlamaConfig:
         """The same model with another RoPE variant (``original_max_position_embeddings`` defaults to L0), on every
         layer: all of them are global, so ``layers`` may be ``global`` or ``all``."""
-        if layers not in ("global", "all"):
-            raise ValueError(f"layers={layers!r}; choose one of ['global', 'all']")
-        params = dict(params or {})
-        if variant in _USES_ORIGINAL_LENGTH:
-            params.setdefault("original_max_position_embeddings", self.max_position_embeddings)
-        return dataclasses.replace(self, rope_variant=variant, rope_params=tuple(sorted(params.items())))
+        return dataclasses.replace(self, **self.rope_fields(variant, params, layers))
 
 
 class RMSNorm(nnx.Module):
