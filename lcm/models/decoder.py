@@ -195,6 +195,52 @@ def layer_inputs(
     )
 
 
+def run_layers(
+    call: Callable[[nnx.GraphDef, nnx.State, jax.Array, Any, LayerInputs], tuple[jax.Array, Any]],
+    blocks: Sequence[nnx.Module],
+    x: jax.Array,
+    states: Sequence[Any],
+    inputs: Sequence[LayerInputs],
+    period: int | None = None,
+) -> tuple[jax.Array, list[Any]]:
+    """``x`` through ``blocks`` in order, ``call(graphdef, params, x, state, inputs) -> (x, out)`` per layer with its
+    state (or None) and inputs; returns ``x`` and each layer's ``out``.
+
+    With ``period`` the layers run as one ``lax.scan`` over groups of ``period`` consecutive layers (a hybrid's
+    repeating group, e.g. five local layers and a global one, is one scan step; ``period=1`` scans single layers):
+    layer ``g * period + j`` is position ``j`` of group ``g``, and the parameters and states of each position are
+    stacked over the groups, so they must have equal shapes there, and ``inputs`` must repeat with the period. One
+    group is traced and compiled whatever the depth."""
+    if period is None:
+        outs = []
+        for block, state, layer_inputs_ in zip(blocks, states, inputs, strict=True):
+            x, out = call(*nnx.split(block), x, state, layer_inputs_)
+            outs.append(out)
+        return x, outs
+    count = len(blocks)
+    if period <= 0 or count % period:
+        raise ValueError(f"cannot scan {count} layers in groups of {period}")
+    groups = count // period
+    graphdef = nnx.split(blocks[0])[0]
+    at = [[g * period + j for g in range(groups)] for j in range(period)]  # the layers at each position
+    params = [stack([nnx.split(blocks[i])[1] for i in layers]) for layers in at]
+    stacked = [None if states[layers[0]] is None else stack([states[i] for i in layers]) for layers in at]
+
+    def group(x: jax.Array, xs: tuple[list[nnx.State], list[Any]]) -> tuple[jax.Array, tuple[Any, ...]]:
+        outs = []
+        for j, (params_j, state_j) in enumerate(zip(*xs, strict=True)):
+            x, out = call(graphdef, params_j, x, state_j, inputs[j])
+            outs.append(out)
+        return x, tuple(outs)
+
+    x, outs = jax.lax.scan(group, x, (params, stacked))
+    per_layer: list[Any] = [None] * count
+    for j, layers in enumerate(at):
+        for g, i in enumerate(layers):
+            per_layer[i] = None if outs[j] is None else jax.tree.map(lambda a, g=g: a[g], outs[j])
+    return x, per_layer
+
+
 def materialised(operand: jax.Array, compute: Callable[[], Any]) -> Any:
     """``compute()``, computed once into buffers. XLA's CPU fusion otherwise recomputes cheap-looking producers
     inside every consumer: the RoPE sin/cos went into each layer's rotation (60 copies per forward, scalar libm

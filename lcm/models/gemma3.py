@@ -97,6 +97,9 @@ class Gemma3Config(decoder.DecoderConfig):
     attention_kv_block: int = 512
     attention_decode_kv_block: int = 2048
     attention_implementation: str = "auto"
+    # inference runs the layers as one lax.scan over groups of a period of layer_types (5 local + 1 global: one
+    # step), where each position's states have equal shapes across groups; False: the unrolled loop
+    scan_layers: bool = False
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> Gemma3Config:
@@ -113,6 +116,12 @@ class Gemma3Config(decoder.DecoderConfig):
             raise ValueError(
                 f"layer_types must give one of {(SLIDING, FULL)} per layer ({self.num_layers}), got {self.layer_types}"
             )
+
+    @property
+    def period(self) -> int:
+        """The shortest repeating group of ``layer_types`` that tiles the layers (6 for Gemma 3's 5:1 pattern)."""
+        kinds, count = self.layer_types, self.num_layers
+        return next(p for p in range(1, count + 1) if count % p == 0 and kinds == kinds[:p] * (count // p))
 
     def with_rope(self, variant: str, params: dict[str, Any] | None = None, layers: str = "global") -> Gemma3Config:
         """The same model with another RoPE variant (``original_max_position_embeddings`` defaults to L0) on its
@@ -291,10 +300,17 @@ class Gemma3(nnx.Module):
             )
             for kind, i in first.items()
         }
-        states = []
-        for block, state, kind in zip(self.layers, cache.layers, kinds, strict=True):
-            x, state = decoder_layer(settings, *nnx.split(block), x, state, inputs[kind])
-            states.append(state)
+        period = cfg.period if cfg.scan_layers else None
+        if period is not None:  # each position's states are stacked over the groups: equal shapes only
+            count = cfg.num_layers
+            if not all(decoder.equal_shapes(cache.layers[j:count:period]) for j in range(period)):
+                period = None
+
+        def call(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, state: Any, inputs: LayerInputs) -> Any:
+            return decoder_layer(settings, graphdef, params, x, state, inputs)
+
+        per_layer = [inputs[kind] for kind in kinds]
+        x, states = decoder.run_layers(call, self.layers, x, cache.layers, per_layer, period)
         return self.final_norm(x), dataclasses.replace(cache, layers=tuple(states))
 
     def train_forward(
@@ -307,10 +323,8 @@ class Gemma3(nnx.Module):
         remat: bool = False,
         scan: bool = False,
     ) -> tuple[Float[Array, "B T D"], Any]:
-        """The training forward (:meth:`lcm.models.llama.Llama.train_forward`); ``scan`` is not offered: the layers
-        differ in kind, so they do not form one scanned step."""
-        if scan:
-            raise ValueError("gemma3: scan=True is not supported (local and global layers differ); use scan=False")
+        """The training forward (:meth:`lcm.models.llama.Llama.train_forward`); ``scan`` runs the layers as one
+        ``lax.scan`` over groups of :attr:`Gemma3Config.period` layers (five local and a global one: one step)."""
         cfg = self.config
         batch, seq = tokens.shape
         positions = positions.astype(jnp.int32)
@@ -328,17 +342,16 @@ class Gemma3(nnx.Module):
         settings = LayerSettings(attention=decoder.attention_settings(cfg, decode=False), hooks=hooks or LayerHooks())
 
         def block_call(
-            graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, inputs: LayerInputs
+            graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, state: None, inputs: LayerInputs
         ) -> tuple[jax.Array, Any]:
             return decoder_layer(settings, graphdef, params, x, None, inputs)
 
         if remat:
             block_call = jax.checkpoint(block_call, static_argnums=(0,))
         x = self._embed(tokens)
-        records = []
-        for block, kind in zip(self.layers, cfg.layer_types, strict=True):
-            x, record = block_call(*nnx.split(block), x, inputs[kind])
-            records.append(record)
+        per_layer = [inputs[kind] for kind in cfg.layer_types]
+        states = [None] * cfg.num_layers
+        x, records = decoder.run_layers(block_call, self.layers, x, states, per_layer, cfg.period if scan else None)
         return self.final_norm(x), decoder.stack(records) if records[0] is not None else None
 
     def train_hidden_states(

@@ -149,10 +149,37 @@ def test_config_errors_are_one_line(change: dict, message: str) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_scan_is_refused() -> None:
-    model = random_model(Gemma3Config(**TINY))
-    with pytest.raises(ValueError, match="scan=True is not supported"):
-        model.train_forward(jnp.zeros((1, 4), jnp.int32), jnp.arange(4)[None], scan=True)
+def test_scanned_groups_are_the_unrolled_layers() -> None:
+    """One scan step per group of the layer pattern (local, global here): the training forward, its gradient, and
+    inference over window and full buffers give the unrolled loop's results."""
+    import dataclasses
+
+    import jax
+
+    cfg = Gemma3Config(**(TINY | {"num_layers": 6, "layer_types": pattern_layer_types(6, 3)}))
+    assert cfg.period == 3 and Gemma3Config(**TINY).period == 2 and families.preset("gemma3-270m").period == 6
+    model = random_model(cfg, seed=7)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 96, (1, 16)), jnp.int32)
+    positions = jnp.arange(16)[None]
+
+    def loss(model, scan: bool) -> jax.Array:
+        return jnp.sum(model.train_hidden_states(tokens, positions, scan=scan) ** 2)
+
+    from flax import nnx
+
+    grads = [nnx.grad(loss)(model, scan) for scan in (False, True)]
+    chex.assert_trees_all_close(loss(model, True), loss(model, False), rtol=1e-6)
+    chex.assert_trees_all_close(nnx.state(grads[0]), nnx.state(grads[1]), atol=1e-4, rtol=1e-4)
+    scanned = families.with_config(model, dataclasses.replace(cfg, scan_layers=True))
+    outputs = []
+    for each in (model, scanned):
+        cache, logits = each.init_cache(1, 24), []
+        for start, size in ((0, 8), (8, 7), (15, 1)):
+            out, cache = each(tokens[:, start : start + size], positions[:, start : start + size], cache)
+            logits.append(np.asarray(out))
+        outputs.append(np.concatenate(logits, axis=1))
+        assert cache.layers[0].keys.shape[2] == cfg.sliding_window  # the window buffers went through the scan
+    chex.assert_trees_all_close(outputs[1], outputs[0], **TOL)
 
 
 def test_rope_layers_option_parses_and_applies() -> None:
