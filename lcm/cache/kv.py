@@ -85,53 +85,88 @@ class LayerCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class WindowCache(LayerCache):
-    """A sliding-window layer's state: its ``window`` latest entries, right-aligned (the newest in the last slot,
-    empty slots first while fewer have been seen), so the layer's memory is the window's whatever the length.
+    """A sliding-window layer's state: its first ``sinks`` entries (attention sinks, StreamingLLM's) and its
+    ``window`` latest ones, so the layer's memory is ``sinks + window`` slots whatever the length.
 
     ``length`` counts every entry written, as a full buffer's would, and ``capacity`` is the room the Engine asked
-    for; ``keys.shape[2] == window``. While a chunk of ``T`` tokens runs, the layer attends over ``window + T``
-    slots (the window before the chunk, then the chunk: query ``t`` sits at slot ``window + t`` and sees back
-    ``window - 1`` slots, all inside), and keeps the last ``window`` real ones. The window must be the layer mask's.
+    for; ``keys.shape[2] == sinks + window``. Layout: while no entry has been dropped (``length <= sinks + window``)
+    every entry so far, right-aligned (empty slots first); after, the sinks in the first ``sinks`` slots and the
+    latest ``window`` entries after them. While a chunk of ``T`` tokens runs, the layer attends over
+    ``sinks + window + T`` slots (the buffer, then the chunk: query ``t`` sits at slot ``sinks + window + t``, its
+    window reaching back inside the buffer), the mask placed on them: the empty front excluded (``kv_start``), the
+    sinks kept by every query (a causal ``prefix``, where they sit); then it keeps what the layout says. The window
+    and the sinks must be the layer mask's. With sinks, rows may not be left-padded and a chunk may not be longer
+    than the window (a sink inside a chunk is then always inside its queries' window).
     """
 
     window: int = dataclasses.field(default=0, metadata={"static": True})
     room: int = dataclasses.field(default=0, metadata={"static": True})  # the capacity the Engine asked for
+    sinks: int = dataclasses.field(default=0, metadata={"static": True})
 
     rewindable: ClassVar[bool] = False  # entries past the window are gone
 
     def __post_init__(self) -> None:  # static fields only: JAX rebuilds states with placeholder leaves
-        if self.window <= 0:
-            raise ValueError(f"a window cache needs a positive window, got {self.window}")
+        if self.window <= 0 or self.sinks < 0:
+            raise ValueError(f"a window cache needs a positive window and sinks >= 0, got {self.window}, {self.sinks}")
 
     @property
     def capacity(self) -> int:
         return self.room
 
     def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, mask: Mask) -> tuple[LayerCache, Mask]:
-        if mask.window != self.window:
-            raise ValueError(f"a window cache of {self.window} slots attended with a mask of window {mask.window}")
-        window, chunk = self.window, k.shape[1]
+        if (mask.window, mask.sinks) != (self.window, self.sinks):
+            raise ValueError(
+                f"a window cache of window={self.window}, sinks={self.sinks} attended with a mask of "
+                f"window={mask.window}, sinks={mask.sinks}"
+            )
+        slots, chunk, batch = self.sinks + self.window, k.shape[1], k.shape[0]
+        if self.sinks and (mask.kv_start is not None or chunk > self.window):
+            raise ValueError(
+                f"a window cache with sinks takes unpadded rows and chunks of at most window={self.window} tokens "
+                f"(got {chunk}{', left-padded rows' if mask.kv_start is not None else ''})"
+            )
         join = functools.partial(jnp.concatenate, axis=2)
         keys = join([self.keys, k.swapaxes(1, 2).astype(self.keys.dtype)])
         values = join([self.values, v.swapaxes(1, 2).astype(self.values.dtype)])
         positions = jnp.concatenate([self.positions, positions.astype(jnp.int32)], axis=1)
-        filled = jnp.minimum(self.length, window)
-        first = window - filled  # the first filled slot of the window
+        empty = jnp.maximum(slots - self.length, 0)  # the empty front, before anything was dropped
+        first = empty
         if mask.kv_start is not None:  # left padding: the rows' first real slot, in this buffer's slots
-            first = jnp.maximum(mask.kv_start - (self.length - window), first)
-        batch = k.shape[0]
+            first = jnp.maximum(mask.kv_start - (self.length - slots), first)
         state = dataclasses.replace(self, keys=keys, values=values, positions=positions)
         placed = dataclasses.replace(
             mask,
-            q_offset=jnp.int32(window),
-            kv_length=jnp.int32(window + chunk),
+            q_offset=jnp.int32(slots),
+            kv_length=jnp.int32(slots + chunk),
             kv_start=jnp.broadcast_to(jnp.asarray(first, jnp.int32), (batch,)),
         )
+        if self.sinks:  # the sinks sit after the empty front: every query keeps them (causal prefix)
+            # (not past the buffer: a sink inside the chunk is seen causally, within its queries' window)
+            prefix = jnp.minimum(empty + self.sinks, slots).astype(jnp.int32)
+            placed = dataclasses.replace(placed, sinks=0, prefix=prefix)
         return state, placed
 
     def settled(self, num_valid: jax.Array) -> LayerCache:
-        window = self.window
-        return map_slots(self, lambda x, axis: jax.lax.dynamic_slice_in_dim(x, num_valid, window, axis=axis))
+        """The layout after the chunk (``length`` already counts it): the latest ``sinks + window`` entries while
+        none is dropped, else the sinks and the latest ``window``."""
+        slots, sinks, window = self.sinks + self.window, self.sinks, self.window
+        if not sinks:
+            return map_slots(self, lambda x, axis: jax.lax.dynamic_slice_in_dim(x, num_valid, slots, axis=axis))
+        before = self.length - num_valid  # entries before the chunk
+        sink_start = jnp.maximum(slots - before, 0)
+
+        def keep(x: jax.Array, axis: int) -> jax.Array:
+            latest = jax.lax.dynamic_slice_in_dim(x, num_valid, slots, axis=axis)
+            split = jnp.concatenate(
+                [
+                    jax.lax.dynamic_slice_in_dim(x, sink_start, sinks, axis=axis),
+                    jax.lax.dynamic_slice_in_dim(x, sinks + num_valid, window, axis=axis),
+                ],
+                axis=axis,
+            )
+            return jnp.where(self.length <= slots, latest, split)
+
+        return map_slots(self, keep)
 
     def cut(self, capacity: int) -> LayerCache:
         return dataclasses.replace(self, room=capacity)
@@ -241,16 +276,21 @@ def init_layer(
 
 
 def init_window_layer(
-    batch: int, capacity: int, window: int, num_kv_heads: int, head_dim: int, dtype: jnp.dtype = jnp.float32
+    batch: int,
+    capacity: int,
+    window: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: jnp.dtype = jnp.float32,
+    sinks: int = 0,
 ) -> LayerCache:
-    """A sliding-window layer's empty state for ``capacity`` entries: a :class:`WindowCache` of ``window`` slots, or
-    a full buffer when ``capacity`` fits in the window anyway."""
-    layer = init_layer(batch, min(capacity, window), num_kv_heads, head_dim, dtype)
-    if capacity <= window:
+    """A sliding-window layer's empty state for ``capacity`` entries: a :class:`WindowCache` of ``sinks + window``
+    slots, or a full buffer when ``capacity`` fits in them anyway."""
+    layer = init_layer(batch, min(capacity, sinks + window), num_kv_heads, head_dim, dtype)
+    if capacity <= sinks + window:
         return layer
-    return WindowCache(
-        **{f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)}, window=window, room=capacity
-    )
+    fields = {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)}
+    return WindowCache(**fields, window=window, room=capacity, sinks=sinks)
 
 
 def init_cache(

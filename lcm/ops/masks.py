@@ -154,8 +154,11 @@ class Mask:
             shape = tuple(np.shape(self.prefix))
             if shape not in ((), (batch,)) or not jnp.issubdtype(jnp.asarray(self.prefix).dtype, jnp.integer):
                 raise ValueError(f"prefix must be an integer scalar or [B] = [{batch}], got {_show(self.prefix)}")
-            if self.window is not None:
-                raise ValueError("a prefix-LM mask with a sliding window is not defined; use one or the other")
+            if self.window is not None and not self.causal:
+                raise ValueError(
+                    "a bidirectional prefix-LM mask with a sliding window is not defined; use one or the other "
+                    "(causal: the prefix slots are kept by every query, the rest within the window)"
+                )
         if self.sparse is not None:
             rows, cols = self.sparse.array().shape
             need = (-(-q_len // self.sparse.q_block), -(-kv_len // self.sparse.kv_block))
