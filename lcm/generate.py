@@ -73,12 +73,6 @@ class Engine:
         self.config = self.model.config
         self.keys_pre_rope = self.policy.stores_keys_pre_rope(self.keys_pre_rope)
         self.policy.check_model(self.model)
-        windows = self.model.window_layers()
-        if windows and not self.policy.keeps_everything():
-            raise ValueError(
-                f"KV policy {self.policy.name!r} evicts, renumbers or selects entries, which lcm does not yet do on a "
-                f"model whose layers {list(windows)} keep only their sliding window; use the full cache (policy 'full')"
-            )
         # what the last generate() measured: its prompt cache at its largest, prefill and decode wall time
         self.last_cache_bytes, self.last_decode_steps = 0, 0
         self.last_prefill_seconds = self.last_decode_seconds = 0.0
@@ -112,7 +106,10 @@ class Engine:
         """An empty cache of ``capacity`` (rounded up to a chunk) slots; ``starts [B]`` for left-padded rows."""
         cache = self.model.init_cache(batch, _round_up(capacity, self.chunk_size), self.keys_pre_rope)
         cfg = self.config  # each layer's state holds what the policy keeps beside the entries
-        layers = tuple(self.policy.init_layer(layer, cfg.num_heads, cfg.head_dim) for layer in cache.layers)
+        layers = tuple(
+            self.policy.init_layer(layer, cfg.num_heads, cfg.head_dim) if layer.takes_policy else layer
+            for layer in cache.layers
+        )
         cache = dataclasses.replace(cache, layers=layers, hooks=self.policy.layer_hooks())
         if starts is not None:
             starts = np.asarray(starts, np.int32)

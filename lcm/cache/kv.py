@@ -40,6 +40,8 @@ from lcm.ops import masks
 from lcm.ops.masks import Mask
 from lcm.ops.token_select import SelectionCache
 
+UNBOUNDED = 2**31 - 1  # the capacity of a layer that takes any number of entries (a sliding window's)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,7 @@ class LayerCache:
     selection: SelectionCache | None = None  # TokenSelect's selection cache of this layer
 
     rewindable: ClassVar[bool] = True  # a prefix of what it holds can be kept by setting `length` back
+    takes_policy: ClassVar[bool] = True  # the KV policy's state, hooks and compression act on it
 
     @property
     def capacity(self) -> int:
@@ -88,8 +91,9 @@ class WindowCache(LayerCache):
     """A sliding-window layer's state: its first ``sinks`` entries (attention sinks, StreamingLLM's) and its
     ``window`` latest ones, so the layer's memory is ``sinks + window`` slots whatever the length.
 
-    ``length`` counts every entry written, as a full buffer's would, and ``capacity`` is the room the Engine asked
-    for; ``keys.shape[2] == sinks + window``. Layout: while no entry has been dropped (``length <= sinks + window``)
+    ``length`` counts every entry written, as a full buffer's would; ``capacity`` is unbounded (:data:`UNBOUNDED`)
+    and ``keys.shape[2] == sinks + window``. A KV policy does not act on it (:attr:`takes_policy`): its state is
+    bounded already. Layout: while no entry has been dropped (``length <= sinks + window``)
     every entry so far, right-aligned (empty slots first); after, the sinks in the first ``sinks`` slots and the
     latest ``window`` entries after them. While a chunk of ``T`` tokens runs, the layer attends over
     ``sinks + window + T`` slots (the buffer, then the chunk: query ``t`` sits at slot ``sinks + window + t``, its
@@ -100,10 +104,10 @@ class WindowCache(LayerCache):
     """
 
     window: int = dataclasses.field(default=0, metadata={"static": True})
-    room: int = dataclasses.field(default=0, metadata={"static": True})  # the capacity the Engine asked for
     sinks: int = dataclasses.field(default=0, metadata={"static": True})
 
     rewindable: ClassVar[bool] = False  # entries past the window are gone
+    takes_policy: ClassVar[bool] = False  # bounded by its window already: a KV policy acts on the other layers
 
     def __post_init__(self) -> None:  # static fields only: JAX rebuilds states with placeholder leaves
         if self.window <= 0 or self.sinks < 0:
@@ -111,7 +115,8 @@ class WindowCache(LayerCache):
 
     @property
     def capacity(self) -> int:
-        return self.room
+        """Unbounded: the layer takes any number of entries (it drops those past its window)."""
+        return UNBOUNDED
 
     def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, mask: Mask) -> tuple[LayerCache, Mask]:
         if (mask.window, mask.sinks) != (self.window, self.sinks):
@@ -169,7 +174,8 @@ class WindowCache(LayerCache):
         return map_slots(self, keep)
 
     def cut(self, capacity: int) -> LayerCache:
-        return dataclasses.replace(self, room=capacity)
+        del capacity  # its buffer is its window, whatever room is asked for
+        return self
 
 
 # Every array a layer holds per slot, with its logical axes ("length" is the slot axis): the one list that gathers,
@@ -220,8 +226,9 @@ class KVCache:
 
     @property
     def length(self) -> jax.Array:
-        """Filled slots of the first layer: every layer's when they all hold as many (see ``layer.length``)."""
-        return self.layers[0].length
+        """Filled slots of the first layer the KV policy acts on (:attr:`LayerCache.takes_policy`; of the first layer
+        if none): every such layer's when they all hold as many (see ``layer.length``)."""
+        return next((layer for layer in self.layers if layer.takes_policy), self.layers[0]).length
 
     @property
     def rewindable(self) -> bool:
@@ -276,21 +283,12 @@ def init_layer(
 
 
 def init_window_layer(
-    batch: int,
-    capacity: int,
-    window: int,
-    num_kv_heads: int,
-    head_dim: int,
-    dtype: jnp.dtype = jnp.float32,
-    sinks: int = 0,
-) -> LayerCache:
-    """A sliding-window layer's empty state for ``capacity`` entries: a :class:`WindowCache` of ``sinks + window``
-    slots, or a full buffer when ``capacity`` fits in them anyway."""
-    layer = init_layer(batch, min(capacity, sinks + window), num_kv_heads, head_dim, dtype)
-    if capacity <= sinks + window:
-        return layer
+    batch: int, window: int, num_kv_heads: int, head_dim: int, dtype: jnp.dtype = jnp.float32, sinks: int = 0
+) -> WindowCache:
+    """A sliding-window layer's empty state: ``sinks + window`` slots, for any number of entries."""
+    layer = init_layer(batch, sinks + window, num_kv_heads, head_dim, dtype)
     fields = {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)}
-    return WindowCache(**fields, window=window, room=capacity, sinks=sinks)
+    return WindowCache(**fields, window=window, sinks=sinks)
 
 
 def init_cache(

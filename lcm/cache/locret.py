@@ -113,6 +113,7 @@ class Locret(KVPolicy):
         return np.ones(positions.shape, bool)
 
     def check_model(self, model: Any) -> None:
+        super().check_model(model)
         if not all(hasattr(block, "retaining") for block in model.layers):
             raise ValueError(
                 f"KV policy {self.name!r} needs trained retaining heads on the model; train them with: "

@@ -131,8 +131,18 @@ class KVPolicy:
         return AttentionMass() if self.needs_scores else None
 
     def check_model(self, model: Any) -> None:
-        """Raise a one-line ``ValueError`` if ``model`` lacks what the policy needs (Locret: retaining heads)."""
-        del model
+        """Raise a one-line ``ValueError`` if ``model`` lacks what the policy needs (Locret: retaining heads).
+
+        On a model with sliding-window layers (Gemma 3) a policy acts on the other (global) layers, the window layers
+        keeping their window; one that renumbers positions or probes the cache is refused there: its positions and
+        probe entries would have to be shared by layers it does not manage."""
+        windows = list(getattr(model, "window_layers", tuple)())
+        if windows and (self.renumber or self.probe_tokens()):
+            raise ValueError(
+                f"KV policy {self.name!r} renumbers positions or probes the cache, which lcm does not do on a model "
+                f"whose layers {windows} keep their sliding window; evicting policies that keep positions (h2o, "
+                "snapkv, knorm, tova, pyramidkv) act on its global layers"
+            )
 
     def with_tokenizer(self, tokenizer: Any) -> KVPolicy:
         """The policy with whatever it must tokenize (InfiniPot's catalyst prompt) encoded by the model's tokenizer."""
@@ -564,6 +574,8 @@ def compress(policy: KVPolicy, cache: KVCache, prompt_seen: jax.Array, final: bo
     n = len(cache.layers)
     layers = tuple(
         compress_layer(policy, layer, prompt_seen, final, policy.layer_budget(i, n, prompt_seen))
+        if layer.takes_policy
+        else layer
         for i, layer in enumerate(cache.layers)
     )
     return dataclasses.replace(cache, layers=layers)

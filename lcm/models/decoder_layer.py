@@ -153,7 +153,7 @@ def decoder_layer(
             own,
         )
 
-    hooks = settings.hooks
+    hooks = settings.hooks if state.takes_policy else LayerHooks()  # a window state is bounded on its own
     # attention and a hook that reads the keys (the attention mass) share one rotation
     read_keys = rotated_keys() if hooks.reads_keys and inputs.observers is not None else None
 

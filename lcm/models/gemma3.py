@@ -219,18 +219,16 @@ class Gemma3(nnx.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, rngs)
 
     def init_cache(self, batch: int, capacity: int | Sequence[int], keys_pre_rope: bool = False) -> KVCache:
-        """An empty cache for ``capacity`` entries in every layer (or one capacity per layer): the global layers'
-        buffers hold them all, the sliding-window layers' only their window (:class:`~lcm.cache.kv.WindowCache`)."""
+        """An empty cache for ``capacity`` entries in every global layer (or one capacity per layer); the
+        sliding-window layers hold only their window, for any number of entries (:class:`~lcm.cache.kv.WindowCache`).
+        """
         cfg = self.config
         cache = init_cache(
             cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype, keys_pre_rope
         )
         layers = list(cache.layers)
         for i in self.window_layers():
-            room = layers[i].capacity
-            layers[i] = init_window_layer(
-                batch, room, cfg.sliding_window, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype
-            )
+            layers[i] = init_window_layer(batch, cfg.sliding_window, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype)
         return dataclasses.replace(cache, layers=tuple(layers))
 
     def window_layers(self) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lcm.cache.kv import WindowCache, init_layer, init_window_layer
+from lcm.cache.kv import UNBOUNDED, WindowCache, init_layer, init_window_layer
 from lcm.models import decoder
 from lcm.models.decoder_layer import LayerSettings, decoder_layer
 from lcm.models.llama import LlamaConfig, random_model
@@ -56,7 +56,7 @@ def test_window_state_equals_the_full_buffer_with_its_window_mask(window: int, s
     total = sum(chunks)
     x = np.random.default_rng(window * 10 + sinks).standard_normal((2, total, CFG.hidden_size)).astype(np.float32)
     full = init_layer(2, total, CFG.num_kv_heads, CFG.head_dim)
-    small = init_window_layer(2, total, window, CFG.num_kv_heads, CFG.head_dim, sinks=sinks)
+    small = init_window_layer(2, window, CFG.num_kv_heads, CFG.head_dim, sinks=sinks)
     assert isinstance(small, WindowCache)
     expected, _ = _run(full, x, chunks, window, sinks)
     got, states = _run(small, x, chunks, window, sinks)
@@ -65,7 +65,7 @@ def test_window_state_equals_the_full_buffer_with_its_window_mask(window: int, s
     for size, state in zip(chunks, states, strict=True):
         seen += size
         chex.assert_shape(state.keys, (2, CFG.num_kv_heads, sinks + window, CFG.head_dim))
-        assert int(state.length) == seen and state.capacity == total
+        assert int(state.length) == seen and state.capacity == UNBOUNDED
         held = np.asarray(state.positions[0])
         if seen <= sinks + window:  # nothing dropped yet: everything, right-aligned
             np.testing.assert_array_equal(held[sinks + window - seen :], np.arange(seen))
@@ -78,14 +78,14 @@ def test_left_padding_without_sinks() -> None:
     x = np.random.default_rng(0).standard_normal((2, 20, CFG.hidden_size)).astype(np.float32)
     chunks, starts = [8, 8, 1, 1, 1, 1], [0, 11]
     expected, _ = _run(init_layer(2, 20, CFG.num_kv_heads, CFG.head_dim), x, chunks, 5, 0, starts)
-    got, _ = _run(init_window_layer(2, 20, 5, CFG.num_kv_heads, CFG.head_dim), x, chunks, 5, 0, starts)
+    got, _ = _run(init_window_layer(2, 5, CFG.num_kv_heads, CFG.head_dim), x, chunks, 5, 0, starts)
     real = np.arange(20)[None, :, None] >= np.asarray(starts)[:, None, None]  # padding queries' outputs are unused
     chex.assert_trees_all_close(np.where(real, got, 0), np.where(real, expected, 0), **TOL)
 
 
 def test_misuse_is_a_one_line_error() -> None:
     x = np.zeros((1, 8, CFG.hidden_size), np.float32)
-    state = init_window_layer(1, 20, 4, CFG.num_kv_heads, CFG.head_dim, sinks=2)
+    state = init_window_layer(1, 4, CFG.num_kv_heads, CFG.head_dim, sinks=2)
     with pytest.raises(ValueError, match="chunks of at most window=4 tokens") as err:
         _run(state, x, [8], 4, 2)
     assert "\n" not in str(err.value)

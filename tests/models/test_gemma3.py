@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lcm.cache.kv import UNBOUNDED
 from lcm.generate import Engine
 from lcm.models import families
 from lcm.models.gemma3 import FULL, SLIDING, Gemma3Config, pattern_layer_types, random_model
@@ -70,7 +71,7 @@ def test_window_layers_hold_only_their_window() -> None:
         for i, layer in enumerate(cache.layers):
             slots = cfg.sliding_window if i in model.window_layers() else 32
             chex.assert_shape([layer.keys, layer.values], (1, cfg.num_kv_heads, slots, cfg.head_dim))
-            assert int(layer.length) == start and layer.capacity == 32
+            assert int(layer.length) == start and layer.capacity == (UNBOUNDED if i in model.window_layers() else 32)
         window = cache.layers[0]  # the latest window entries, right-aligned, with their positions
         np.testing.assert_array_equal(np.asarray(window.positions[0, -min(start, 5) :]), np.arange(start)[-5:])
 
@@ -86,16 +87,36 @@ def test_left_padded_rows_are_each_alone() -> None:
         np.testing.assert_array_equal(a, b)
 
 
-def test_policies_that_evict_are_refused_on_window_layers() -> None:
+@pytest.mark.parametrize("name", ["h2o", "snapkv:window=4", "knorm", "tova", "pyramidkv:window=4,beta=2"])
+def test_evicting_policies_act_on_the_global_layers(name: str) -> None:
+    """A policy that keeps positions compresses the global layers to its budget and leaves the window layers
+    alone; with a budget covering the prompt it computes what the full cache computes."""
+    from lcm.cache.policies import parse_policy
+
+    model = random_model(Gemma3Config(**TINY), seed=8)
+    tokens = np.random.default_rng(5).integers(0, 96, (1, 40)).astype(np.int32)
+    full = Engine(model, chunk_size=8).generate(tokens, 4)
+    covering = Engine(model, chunk_size=8, policy=parse_policy(name, 48)).generate(tokens, 4)
+    np.testing.assert_array_equal(covering, full)
+    engine = Engine(model, chunk_size=8, policy=parse_policy(name, 12))
+    cache = engine.new_cache(1, engine.prompt_capacity(40) + 4)
+    _, cache = engine.prefill(tokens, cache)
+    for i, layer in enumerate(cache.layers):
+        if i in model.window_layers():  # untouched: the window of the whole prompt, no policy state
+            assert int(layer.length) == 40 and layer.keys.shape[2] == TINY["sliding_window"] and layer.scores is None
+        else:
+            assert int(layer.length) <= 12 + 8  # the budget (a streaming policy holds a chunk more until it compresses)
+    engine.generate(tokens, 4)  # and decoding runs
+
+
+@pytest.mark.parametrize("name", ["streamingllm", "tokenselect", "infinipot", "locret"])
+def test_policies_that_renumber_or_probe_are_refused_on_window_layers(name: str) -> None:
     from lcm.cache.policies import parse_policy
 
     model = random_model(Gemma3Config(**TINY))
-    with pytest.raises(
-        ValueError, match=r"KV policy 'h2o' evicts, .* layers \[0, 2\] keep only their sliding window"
-    ) as err:
-        Engine(model, policy=parse_policy("h2o", 16))
+    with pytest.raises(ValueError, match=r"renumbers positions or probes the cache, .* layers \[0, 2\]") as err:
+        Engine(model, policy=parse_policy(name, 64))
     assert "\n" not in str(err.value)
-    Engine(model, policy=parse_policy("full", 0))
 
 
 def test_packed_documents_do_not_see_each_other() -> None:
