@@ -9,7 +9,7 @@ mask and its RoPE table); the layer function, :func:`lcm.models.decoder_layer.de
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import chex
 import jax
@@ -17,10 +17,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from lcm.cache.hooks import LayerHooks
 from lcm.cache.kv import KVCache, LayerCache
 from lcm.kernels.attention import api as attention_api
 from lcm.kernels.attention.config import XlaConfig
-from lcm.models.decoder_layer import AttentionSettings, LayerInputs
+from lcm.models.decoder_layer import AttentionSettings, LayerInputs, LayerSettings
 from lcm.ops import rope as rope_ops
 from lcm.ops import rotary
 from lcm.ops.masks import Mask
@@ -44,8 +45,17 @@ USES_ORIGINAL_LENGTH = frozenset({"dynamic", "yarn", "llama3", "longrope"})
 
 
 class DecoderConfig:
-    """What every decoder config (a frozen dataclass) shares: the checks of its common fields, its dtypes, and the
-    fields of another RoPE variant. A family's config adds its own fields and checks."""
+    """What every decoder config (a frozen dataclass) shares: named presets, the checks of its common fields, its
+    dtypes, and the fields of another RoPE variant. A family's config adds its own fields, presets and checks."""
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}  # the family's named architectures
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> Any:
+        """A named architecture (:attr:`presets`), with any field overridden."""
+        if name not in cls.presets:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(cls.presets)}")
+        return cls(**(cls.presets[name] | overrides))
 
     def check_common(self, *positive: str) -> None:
         """One-line ValueErrors for the fields every family has (and ``positive`` ones of its own); freezes
@@ -133,6 +143,16 @@ def attention_settings(cfg: Any, decode: bool) -> AttentionSettings:
     kv_block = cfg.attention_decode_kv_block if decode else cfg.attention_kv_block
     implementation = attention_api.resolve(cfg.attention_implementation)
     return AttentionSettings(implementation, (XlaConfig(cfg.attention_q_block, kv_block),))
+
+
+def inference_settings(cfg: Any, cache: KVCache, seq: int) -> LayerSettings:
+    """The static part of an inference forward's layer calls: how keys are stored, the attention settings (wider key
+    tiles for a one-token step) and the KV policy's hooks."""
+    return LayerSettings(
+        keys_pre_rope=cache.keys_pre_rope,
+        attention=attention_settings(cfg, decode=seq == 1),
+        hooks=LayerHooks() if cache.hooks is None else cache.hooks,
+    )
 
 
 def check_call(

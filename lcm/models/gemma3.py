@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +74,8 @@ class Gemma3Config(decoder.DecoderConfig):
     """Architecture of one Gemma 3 text decoder; validated on construction, no architecture defaults (a named
     preset, :meth:`preset`, or a checkpoint). Runtime settings have defaults, as :class:`LlamaConfig`'s."""
 
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int  # GeGLU hidden width
@@ -100,12 +102,6 @@ class Gemma3Config(decoder.DecoderConfig):
     # inference runs the layers as one lax.scan over groups of a period of layer_types (5 local + 1 global: one
     # step), where each position's states have equal shapes across groups; False: the unrolled loop
     scan_layers: bool = False
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> Gemma3Config:
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**(PRESETS[name] | overrides))
 
     def __post_init__(self) -> None:
         self.check_common("head_dim", "sliding_window")
@@ -281,11 +277,7 @@ class Gemma3(nnx.Module):
         if rope_seq_len is None:
             rope_seq_len = decoder.default_rope_length(positions, num_valid)
         x = self._embed(tokens)
-        settings = LayerSettings(
-            keys_pre_rope=cache.keys_pre_rope,
-            attention=decoder.attention_settings(cfg, decode=seq == 1),
-            hooks=LayerHooks() if cache.hooks is None else cache.hooks,
-        )
+        settings = decoder.inference_settings(cfg, cache, seq)
         mask = masks.causal()
         if cache.starts is not None:
             mask &= masks.left_padding(cache.starts)

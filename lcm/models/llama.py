@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import chex
 import jax
@@ -56,6 +56,8 @@ class LlamaConfig(decoder.DecoderConfig):
     """Architecture of one decoder; validated on construction. The architecture has no defaults: it comes from a
     named preset (:meth:`preset`, :data:`PRESETS`) or a checkpoint (``lcm.io``). Runtime settings have defaults."""
 
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+
     vocab_size: int  # rows of the embedding table
     hidden_size: int  # model width d_model
     intermediate_size: int  # SwiGLU hidden width
@@ -84,13 +86,6 @@ class LlamaConfig(decoder.DecoderConfig):
     # inference runs the layers as one lax.scan over their stacked parameters and states (one layer compiled) where
     # every layer's state has the same shapes; False: the unrolled loop, faster on CPU (BENCHMARKS.md, layer scan)
     scan_layers: bool = False
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
-        """A named architecture (:data:`PRESETS`), with any field overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**(PRESETS[name] | overrides))
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -254,11 +249,7 @@ class Llama(nnx.Module):
             rope_seq_len = decoder.default_rope_length(positions, num_valid)
         inv_freq, attention_factor = self.rope_tables(rope_seq_len)
         x = self.embed[...][tokens].astype(cfg.jnp_dtype)
-        settings = LayerSettings(
-            keys_pre_rope=cache.keys_pre_rope,
-            attention=decoder.attention_settings(cfg, decode=seq == 1),
-            hooks=LayerHooks() if cache.hooks is None else cache.hooks,
-        )
+        settings = decoder.inference_settings(cfg, cache, seq)
         mask = masks.causal()
         if cfg.sliding_window is not None:
             mask &= masks.sliding_window(cfg.sliding_window)
@@ -267,21 +258,13 @@ class Llama(nnx.Module):
         inputs = decoder.layer_inputs(
             positions, cache.layers[0], cache.keys_pre_rope, inv_freq, attention_factor, mask, num_valid, observers
         )
-        if cfg.scan_layers and decoder.equal_shapes(cache.layers):  # one scan step per layer: stacked per call
-            graphdef, _ = nnx.split(self.layers[0])
-            stacked = decoder.stack([nnx.split(block)[1] for block in self.layers]), decoder.stack(list(cache.layers))
+        # one scan step per layer (parameters and states stacked per call) where every state has the same shapes
+        period = 1 if cfg.scan_layers and decoder.equal_shapes(cache.layers) else None
 
-            def layer(x: jax.Array, params_state: tuple[nnx.State, LayerCache]) -> tuple[jax.Array, LayerCache]:
-                params, state = params_state
-                return decoder_layer(settings, graphdef, params, x, state, inputs)
+        def call(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, state: Any, inputs: LayerInputs) -> Any:
+            return decoder_layer(settings, graphdef, params, x, state, inputs)
 
-            x, new = jax.lax.scan(layer, x, stacked)
-            states = [jax.tree.map(lambda a, i=i: a[i], new) for i in range(cfg.num_layers)]
-        else:
-            states = []
-            for block, state in zip(self.layers, cache.layers, strict=True):
-                x, state = block(x, state, inputs, settings)
-                states.append(state)
+        x, states = decoder.run_layers(call, self.layers, x, cache.layers, [inputs] * cfg.num_layers, period)
         return self.final_norm(x), dataclasses.replace(cache, layers=tuple(states))
 
     def train_hidden_states(
@@ -334,23 +317,19 @@ class Llama(nnx.Module):
         num_valid = jnp.int32(seq)
         inputs = LayerInputs(positions, rotation, mask, inv_freq, attention_factor, num_valid)
 
-        def block_call(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array) -> tuple[jax.Array, Any]:
+        def block_call(
+            graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, state: None, inputs: LayerInputs
+        ) -> tuple[jax.Array, Any]:
             return decoder_layer(settings, graphdef, params, x, None, inputs)
 
         if remat:
             block_call = jax.checkpoint(block_call, static_argnums=(0,))
         x = self.embed[...][tokens].astype(cfg.jnp_dtype)
-        if scan:
-            graphdef, _ = nnx.split(self.layers[0])
-            stacked = decoder.stack([nnx.split(b)[1] for b in self.layers])
-            x, records = jax.lax.scan(lambda x, params: block_call(graphdef, params, x), x, stacked)
-        else:
-            per_layer = []
-            for block in self.layers:
-                x, record = block_call(*nnx.split(block), x)
-                per_layer.append(record)
-            records = decoder.stack(per_layer) if per_layer[0] is not None else None
-        return self.final_norm(x), records
+        count = cfg.num_layers
+        x, records = decoder.run_layers(
+            block_call, self.layers, x, [None] * count, [inputs] * count, 1 if scan else None
+        )
+        return self.final_norm(x), decoder.stack(records) if records[0] is not None else None
 
     def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
         """LM head; call it only where logits are needed (one position when generating)."""

@@ -10,16 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from forward_logits import lcm_logits
 
 from lcm.io.hf import config_from_hf, load_hf_folder
 from lcm.models import families
 from lcm.models.gemma3 import FULL, SLIDING, Gemma3
-from lcm.models.llama import forward
 
 pytestmark = pytest.mark.parity
 
@@ -94,25 +92,13 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory):
     return lambda case: _checkpoint(case, root / case)
 
 
-@functools.cache
-def _jit_forward(graphdef: nnx.GraphDef):
-    return jax.jit(functools.partial(forward, graphdef))
-
-
-def _lcm_logits(model: Gemma3, tokens: np.ndarray) -> jax.Array:
-    batch, length = tokens.shape
-    graphdef, params = nnx.split(model)
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    return _jit_forward(graphdef)(params, jnp.asarray(tokens, jnp.int32), positions, model.init_cache(batch, length))[0]
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_logits_match_transformers(checkpoints, case: str) -> None:
     folder, tokens, expected = checkpoints(case)
     model = load_hf_folder(folder, progress=False)
     assert isinstance(model, Gemma3)
     assert model.config.layer_types == tuple(SIZES["layer_types"]) and model.config.sliding_window == WINDOW
-    chex.assert_trees_all_close(_lcm_logits(model, tokens), expected, **PARITY_TOL)
+    chex.assert_trees_all_close(lcm_logits(model, tokens), expected, **PARITY_TOL)
     # the training forward (no cache) is the same function
     positions = jnp.broadcast_to(jnp.arange(SEQ_LEN, dtype=jnp.int32), tokens.shape)
     chex.assert_trees_all_close(model(jnp.asarray(tokens), positions)[0], expected, **PARITY_TOL)
@@ -127,9 +113,9 @@ def test_layers_all_is_the_variant_on_both_kinds(checkpoints) -> None:
     base = dataclasses.replace(plain.config, rope_variant="default", rope_params=(), rope_local_layers=False)
     model = families.with_config(plain, base)
     every = families.with_config(model, model.config.with_rope("linear", {"factor": 4.0}, layers="all"))
-    chex.assert_trees_all_close(_lcm_logits(every, tokens), expected, **PARITY_TOL)
+    chex.assert_trees_all_close(lcm_logits(every, tokens), expected, **PARITY_TOL)
     only_global = families.with_config(model, model.config.with_rope("linear", {"factor": 4.0}))
-    assert np.abs(np.asarray(_lcm_logits(only_global, tokens)) - expected).max() > 100 * PARITY_TOL["atol"]
+    assert np.abs(np.asarray(lcm_logits(only_global, tokens)) - expected).max() > 100 * PARITY_TOL["atol"]
 
 
 def test_config_reads_each_case(checkpoints) -> None:
@@ -152,7 +138,7 @@ def test_a_wrong_window_or_rope_is_detected(checkpoints, case: str, change: dict
     folder, tokens, expected = checkpoints(case)
     model = load_hf_folder(folder, progress=False)
     wrong = families.with_config(model, dataclasses.replace(model.config, **change))
-    assert np.abs(np.asarray(_lcm_logits(wrong, tokens)) - expected).max() > 100 * PARITY_TOL["atol"]
+    assert np.abs(np.asarray(lcm_logits(wrong, tokens)) - expected).max() > 100 * PARITY_TOL["atol"]
 
 
 @pytest.mark.parametrize(

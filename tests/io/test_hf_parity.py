@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from forward_logits import lcm_logits
 
 from lcm.io.hf import config_from_hf, load_hf_folder, model_from_tensors
-from lcm.models.llama import Llama, forward, with_config
+from lcm.models.llama import with_config
 
 pytestmark = pytest.mark.parity
 
@@ -134,19 +132,6 @@ def _checkpoint(case: str, folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     return folder, tokens, logits
 
 
-@functools.cache
-def _jit_forward(graphdef: nnx.GraphDef):
-    return jax.jit(functools.partial(forward, graphdef))
-
-
-def _lcm_logits(model: Llama, tokens: np.ndarray) -> jax.Array:
-    batch, length = tokens.shape
-    graphdef, params = nnx.split(model)
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    cache = model.init_cache(batch, length)
-    return _jit_forward(graphdef)(params, jnp.asarray(tokens, jnp.int32), positions, cache)[0]
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("hf")
@@ -159,7 +144,7 @@ def test_logits_match_transformers(checkpoints, case: str) -> None:
     model = load_hf_folder(folder, progress=False)
     config = json.loads((folder / "config.json").read_text())
     assert model.config.tie_embeddings == config["tie_word_embeddings"]
-    chex.assert_trees_all_close(_lcm_logits(model, tokens), expected, **PARITY_TOL)
+    chex.assert_trees_all_close(lcm_logits(model, tokens), expected, **PARITY_TOL)
 
 
 def test_sharded_checkpoint_has_an_index(checkpoints) -> None:
@@ -182,7 +167,7 @@ def test_longrope_numerics_match_transformers(checkpoints) -> None:
     cfg = config_from_hf(config).with_rope("longrope", params)
     tensors = load_file(folder / "model.safetensors")
     model = model_from_tensors(cfg, tensors.__getitem__, set(tensors), progress=False)
-    chex.assert_trees_all_close(_lcm_logits(model, tokens), expected, **PARITY_TOL)
+    chex.assert_trees_all_close(lcm_logits(model, tokens), expected, **PARITY_TOL)
 
 
 @pytest.mark.parametrize(
@@ -198,7 +183,7 @@ def test_wrong_rope_or_window_is_detected(checkpoints, case: str, change: dict) 
     folder, tokens, expected = checkpoints(case)
     model = load_hf_folder(folder, progress=False)
     wrong = with_config(model, dataclasses.replace(model.config, **change))
-    error = np.abs(np.asarray(_lcm_logits(wrong, tokens)) - expected).max()
+    error = np.abs(np.asarray(lcm_logits(wrong, tokens)) - expected).max()
     assert error > 100 * PARITY_TOL["atol"]
 
 
