@@ -14,6 +14,7 @@ Query ``t`` of a call sits in slot ``q = q_offset + t``, key ``j`` in slot ``k =
     and q_segments[b, t] == k_segments[b, j]             (documents: packed sequences)
     and (q >= kv_start[b]) == (k >= kv_start[b])         (left padding: padding and prompt as two documents)
     and layout[t // q_block][j // kv_block]              (block-sparse)
+    and low <= p_q // c - p_k // c <= high               (a band of position distances)
 
 where ``causal(d)`` is ``d >= 0`` for a causal mask and true for a bidirectional one, and ``in_window(d)`` is
 ``d < window`` (causal) or ``|d| < window`` (bidirectional): Mistral's sliding window, with the first ``sinks``
@@ -21,6 +22,13 @@ slots kept by every query, StreamingLLM's attention sinks (Xiao et al. 2024, §3
 per batch row or one for all) makes the first ``prefix`` slots visible to every query, as T5's and PaliGemma's
 prefix does. Cross attention is a bidirectional mask whose query and key counts differ. A query that sees no key
 gets a zero output (padding rows).
+
+A *band* (:func:`band`) keeps the pairs whose distance in chunks of ``c`` positions, ``p_q // c - p_k // c``, lies in
+``[low, high]``; ``p`` are the RoPE positions of the queries and keys (``q_positions [B, T]``, ``k_positions [B, S]``)
+where given, else their slots. Complementary bands split one attention into parts that a training-free extrapolation
+scheme rotates differently (:mod:`lcm.ops.position_schemes`): SelfExtend's and ReRoPE's "distance < w" and ">= w",
+Dual Chunk Attention's same chunk, previous chunk and earlier chunks. Positions, not slots, because a KV policy may
+have compacted the cache (slot distances are then not position distances).
 
 Masks combine with ``&`` (the conjunction of their visibilities), each constructor naming one kind::
 
@@ -47,8 +55,18 @@ from jaxtyping import Array, Bool, Int
 EMPTY, PARTIAL, FULL = 0, 1, 2  # the values of a block layout
 _FAR = 2**30  # an unreachable distance, for the open ends of the distance conditions
 
-_STATIC = ("causal", "window", "sinks", "sparse")
-_ARRAYS = ("q_offset", "k_offset", "kv_length", "q_segments", "k_segments", "kv_start", "prefix")
+_STATIC = ("causal", "window", "sinks", "sparse", "band")
+_ARRAYS = (
+    "q_offset",
+    "k_offset",
+    "kv_length",
+    "q_segments",
+    "k_segments",
+    "kv_start",
+    "prefix",
+    "q_positions",
+    "k_positions",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +90,29 @@ class BlockSparse:
         return np.asarray(self.layout, bool)
 
 
+@dataclasses.dataclass(frozen=True)
+class Band:
+    """A static band of distances: a query at position ``p_q`` sees a key at ``p_k`` iff
+    ``low <= p_q // chunk - p_k // chunk <= high`` (``high=None``: no upper end). Hashable: part of the structure."""
+
+    low: int
+    high: int | None = None
+    chunk: int = 1
+
+    def __post_init__(self) -> None:
+        ints = all(isinstance(v, int | np.integer) for v in (self.low, self.chunk))
+        if not ints or (self.high is not None and not isinstance(self.high, int | np.integer)):
+            raise ValueError(f"a band's low, high and chunk must be integers, got {self}")
+        if self.chunk < 1:
+            raise ValueError(f"a band's chunk must be >= 1, got {self.chunk}")
+        if self.high is not None and self.high < self.low:
+            raise ValueError(f"a band's high={self.high} is below its low={self.low}: it would see nothing")
+
+    def holds(self, distance: jax.Array) -> jax.Array:
+        inside = distance >= self.low
+        return inside if self.high is None else inside & (distance <= self.high)
+
+
 def _is_concrete(x: Any) -> bool:
     return x is not None and not isinstance(x, jax.core.Tracer)
 
@@ -92,6 +133,9 @@ class Mask:
     k_segments: Int[Array, "B S"] | None = None  # document id of each key
     kv_start: Int[Array, " B"] | None = None  # left padding: row b's prompt starts at slot kv_start[b]
     prefix: Int[Array, "*B"] | int | None = None  # prefix-LM: slots below it are visible to every query
+    band: Band | None = None  # static: a band of (chunked) position distances
+    q_positions: Int[Array, "B T"] | None = None  # the band's query positions (default: the slots)
+    k_positions: Int[Array, "B S"] | None = None  # the band's key positions (default: the slots)
 
     def __post_init__(self) -> None:
         # only the static half is checked here: JAX rebuilds masks with tracers or placeholders as leaves
@@ -106,14 +150,14 @@ class Mask:
     def structure(self) -> tuple:
         """The static half, hashable: what a compiled program depends on (with which arrays are present)."""
         present = tuple(name for name in _ARRAYS if getattr(self, name) is not None)
-        return (self.causal, self.window, self.sinks, self.sparse, present)
+        return (self.causal, self.window, self.sinks, self.sparse, self.band, present)
 
     def __and__(self, other: Mask) -> Mask:
         if not isinstance(other, Mask):
             return NotImplemented
         default = Mask()
         merged: dict[str, Any] = {"causal": self.causal or other.causal}
-        for name in ("window", "sinks", "sparse", *_ARRAYS):
+        for name in ("window", "sinks", "sparse", "band", *_ARRAYS):
             mine, theirs, unset = getattr(self, name), getattr(other, name), getattr(default, name)
             if _unset(mine, unset):
                 merged[name] = theirs
@@ -159,6 +203,20 @@ class Mask:
                     "a bidirectional prefix-LM mask with a sliding window is not defined; use one or the other "
                     "(causal: the prefix slots are kept by every query, the rest within the window)"
                 )
+        if (self.q_positions is None) != (self.k_positions is None):
+            given, missing = (
+                ("q_positions", "k_positions") if self.k_positions is None else ("k_positions", "q_positions")
+            )
+            raise ValueError(f"{given} was given without {missing}; pass both position arrays or neither")
+        if self.q_positions is not None and self.band is None:
+            raise ValueError("q_positions/k_positions are the positions of a band; give the band too")
+        for name, axes, shape in (
+            ("q_positions", "(B, T)", (batch, q_len)),
+            ("k_positions", "(B, S)", (batch, kv_len)),
+        ):
+            value = getattr(self, name)
+            if value is not None and (tuple(value.shape) != shape or not jnp.issubdtype(value.dtype, jnp.integer)):
+                raise ValueError(f"{name} must be integer {axes} = {shape}, got {value.dtype}{list(value.shape)}")
         if self.sparse is not None:
             rows, cols = self.sparse.array().shape
             need = (-(-q_len // self.sparse.q_block), -(-kv_len // self.sparse.kv_block))
@@ -209,6 +267,14 @@ class Mask:
             rows = jnp.minimum(q_index // self.sparse.q_block, layout.shape[0] - 1)
             cols = jnp.minimum(k_index // self.sparse.kv_block, layout.shape[1] - 1)
             mask = mask & layout[rows[:, None], cols[None, :]][None]
+        if self.band is not None:
+            if self.q_positions is not None and self.k_positions is not None:
+                q_pos = jnp.take(self.q_positions, q_index, axis=1, mode="clip")[:, :, None].astype(jnp.int32)
+                k_pos = jnp.take(self.k_positions, k_index, axis=1, mode="clip")[:, None, :].astype(jnp.int32)
+            else:
+                q_pos, k_pos = q[None], k[None]
+            chunk = self.band.chunk
+            mask = mask & self.band.holds(q_pos // chunk - k_pos // chunk)
         return mask
 
     def dense(self, q_len: int, kv_len: int) -> Bool[Array, "b T S"]:
@@ -267,6 +333,20 @@ class Mask:
             (q_min, q_max), (k_min, k_max) = segments  # [B, nq, 1] and [B, 1, nk]
             any_visible &= (q_min <= k_max) & (k_min <= q_max)
             all_visible &= (q_min == q_max) & (k_min == k_max) & (q_min == k_min)
+        if self.band is not None:
+            if self.q_positions is not None and self.k_positions is not None:
+                q_lo, q_hi = _tile_range(self.q_positions.astype(jnp.int32), q_len, q_block, axis=1)
+                k_lo, k_hi = _tile_range(self.k_positions.astype(jnp.int32), kv_len, kv_block, axis=2)
+            else:
+                q_lo, q_hi, k_lo, k_hi = qa, qb, ka, kb
+            chunk, high = self.band.chunk, _FAR if self.band.high is None else self.band.high
+            # chunk indices are monotone in positions: a tile's range of them is its ends' (its distances a
+            # superset of the attained ones where positions are not contiguous, which only costs a visited tile)
+            band_any, band_all = _distance_part(
+                q_lo // chunk, q_hi // chunk, k_lo // chunk, k_hi // chunk, self.band.low, high
+            )
+            any_visible &= band_any
+            all_visible &= band_all
         if self.sparse is not None:
             sparse_any, sparse_all = _sparse_tiles(self.sparse, q_len, kv_len, q_block, kv_block)
             any_visible &= jnp.asarray(sparse_any)[None]
@@ -405,6 +485,20 @@ def left_padding(kv_start: Int[Array, " B"]) -> Mask:
 def prefix_lm(prefix: Int[Array, "*B"] | int) -> Mask:
     """The first ``prefix`` slots (per row, or one for all) are visible to every query, in both directions."""
     return Mask(prefix=prefix)
+
+
+def band(
+    low: int,
+    high: int | None = None,
+    *,
+    chunk: int = 1,
+    q_positions: Int[Array, "B T"] | None = None,
+    k_positions: Int[Array, "B S"] | None = None,
+) -> Mask:
+    """Pairs whose distance in chunks, ``p_q // chunk - p_k // chunk``, lies in ``[low, high]`` (``high=None``: no
+    end); positions are ``q_positions``/``k_positions`` where given (a compacted cache), else the slots.
+    ``band(0, w - 1)`` and ``band(w)`` split a causal mask at distance ``w``."""
+    return Mask(band=Band(low, high, chunk), q_positions=q_positions, k_positions=k_positions)
 
 
 def block_sparse(layout: Any, q_block: int, kv_block: int) -> Mask:

@@ -57,6 +57,8 @@ STARTS = np.array([0, 13, 37], np.int32)  # left padding: where each row's promp
 PACKED = np.repeat(np.arange(4), [20, 30, 25, 21])[None].repeat(2, 0).astype(np.int32)  # documents over 96 slots
 PACKED[1] = np.repeat(np.arange(3), [40, 40, 16])
 SPARSE = np.array([[1, 0, 1, 0], [0, 1, 1, 0], [1, 1, 0, 1]], bool)  # 3 x 4 blocks of 16 x 24
+# a compacted cache: 96 slots holding increasing positions with gaps (evicted entries), two rows
+KEPT = np.sort(np.random.default_rng(3).choice(300, size=(2, 96), replace=False), axis=1).astype(np.int32)
 
 
 def _mask_kinds() -> dict[str, tuple[tuple[int, ...], masks.Mask]]:
@@ -95,6 +97,22 @@ def _mask_kinds() -> dict[str, tuple[tuple[int, ...], masks.Mask]]:
             causal & masks.offsets(800, 801) & masks.sliding_window(100, 4),
         ),
         "decode_batch2": ((2, 1, 600, 9, 3, 64, 64, 64), causal & masks.offsets(500, 501)),
+        # the parts of training-free extrapolation schemes (lcm.ops.position_schemes)
+        "band_near": ((1, 40, 96, 4, 2, 16, 64, 16), causal & masks.offsets(40, 80) & masks.band(0, 9)),
+        "band_far": ((2, 40, 96, 4, 2, 16, 64, 16), causal & masks.offsets(56, 96) & masks.band(10)),
+        "band_chunks": ((1, 48, 96, 4, 2, 16, 64, 16), causal & masks.offsets(48, 96) & masks.band(1, 1, chunk=13)),
+        "band_positions": (
+            (2, 24, 96, 4, 2, 16, 64, 16),
+            causal
+            & masks.offsets(72, 90)
+            & masks.band(2, chunk=20, q_positions=jnp.asarray(KEPT[:, 72:]), k_positions=jnp.asarray(KEPT)),
+        ),
+        "decode_band_positions": (
+            (2, 1, 96, 4, 2, 16, 64, 16),
+            causal
+            & masks.offsets(95, 96)
+            & masks.band(0, 39, q_positions=jnp.asarray(KEPT[:, 95:]), k_positions=jnp.asarray(KEPT)),
+        ),
     }
 
 
@@ -108,6 +126,11 @@ CPU_DECLINES = {
     "bidirectional_window",
     "block_sparse",
     "key_offset",
+    "band_near",
+    "band_far",
+    "band_chunks",
+    "band_positions",
+    "decode_band_positions",
 }
 
 
@@ -135,6 +158,13 @@ def _numpy_mask(mask: masks.Mask, batch: int, q_len: int, kv_len: int) -> np.nda
                     ok = ok and (q >= start) == (k >= start)
                 if mask.sparse is not None:
                     ok = ok and mask.sparse.layout[t // mask.sparse.q_block][j // mask.sparse.kv_block]
+                if mask.band is not None:
+                    p_q, p_k = q, k
+                    if mask.q_positions is not None:
+                        p_q, p_k = int(np.asarray(mask.q_positions)[b, t]), int(np.asarray(mask.k_positions)[b, j])
+                    c = mask.band.chunk
+                    high = 10**9 if mask.band.high is None else mask.band.high
+                    ok = ok and mask.band.low <= p_q // c - p_k // c <= high
                 out[b, t, j] = ok
     return out
 
@@ -188,7 +218,12 @@ def test_block_layout_is_exact_or_safe(kind: str) -> None:
                     assert not tile.any(), (kind, i, j)
                 if layout[i, j] == masks.FULL:
                     assert tile.all(), (kind, i, j)
-                if mask.q_segments is None and mask.kv_start is None and mask.sparse is None:
+                if (
+                    mask.q_segments is None
+                    and mask.kv_start is None
+                    and mask.sparse is None
+                    and mask.q_positions is None
+                ):
                     assert (layout[i, j] != masks.EMPTY) == tile.any(), (kind, i, j)
 
 

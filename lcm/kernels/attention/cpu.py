@@ -183,6 +183,8 @@ def declines(q: jax.Array, k: jax.Array, mask: Mask, normalizer: str, return_lse
     unsupported = [name for name in ("q_segments", "prefix") if getattr(mask, name) is not None]
     if mask.sparse is not None:
         unsupported.append("block-sparse layout")
+    if mask.band is not None:
+        unsupported.append("position band")
     if not (isinstance(mask.k_offset, int) and mask.k_offset == 0):
         unsupported.append("k_offset")
     if unsupported:
