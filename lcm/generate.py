@@ -71,8 +71,10 @@ class Engine:
             self.chunk_size = min(self.chunk_size, limit)
         self.graphdef, self.params = nnx.split(self.model)
         self.config = self.model.config
-        self.keys_pre_rope = self.policy.stores_keys_pre_rope(self.keys_pre_rope)
         self.policy.check_model(self.model)
+        # a position scheme rotates each key per part of its attention: keys are stored before RoPE
+        scheme = getattr(self.config, "position_scheme", None)
+        self.keys_pre_rope = self.policy.stores_keys_pre_rope(self.keys_pre_rope or scheme is not None)
         # what the last generate() measured: its prompt cache at its largest, prefill and decode wall time
         self.last_cache_bytes, self.last_decode_steps = 0, 0
         self.last_prefill_seconds = self.last_decode_seconds = 0.0

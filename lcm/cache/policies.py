@@ -136,6 +136,16 @@ class KVPolicy:
         On a model with sliding-window layers (Gemma 3) a policy acts on the other (global) layers, the window layers
         keeping their window; one that renumbers positions or probes the cache is refused there: its positions and
         probe entries would have to be shared by layers it does not manage."""
+        scheme = getattr(getattr(model, "config", None), "position_scheme", None)
+        if scheme is not None and (
+            self.renumber or self.probe_tokens() or self.needs_scores or self.layer_hooks() is not None
+        ):
+            raise ValueError(
+                f"KV policy {self.name!r} renumbers positions, ranks by attention or selects what a step attends to, "
+                f"which lcm does not combine with the position scheme {scheme.name!r} (its statistics would come "
+                "from plain-RoPE attention, not the scheme's); use the full cache or a policy that ranks without "
+                "attention (knorm)"
+            )
         windows = list(getattr(model, "window_layers", tuple)())
         if windows and (self.renumber or self.probe_tokens()):
             raise ValueError(

@@ -7,6 +7,7 @@ One model is loaded once; each RoPE variant is the same parameters under another
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ from lcm.generate import Engine
 from lcm.io.checkpoints import load_model
 from lcm.io.compile_cache import CompileStats
 from lcm.models.families import Model, with_config
+from lcm.ops.position_schemes import is_position_scheme, parse_position_scheme
 from lcm.ops.rope import parse_rope_spec
 
 ROPE_LAYERS = ("global", "all")
@@ -37,6 +39,9 @@ def parse_model_rope(spec: str) -> tuple[str, dict[str, Any], str]:
     variant scales on a model with sliding-window layers (Gemma 3): ``global`` (the default, Gemma's own recipe)
     or ``all`` (the local layers too, each kind on its own base). A model whose layers are all global takes either.
     """
+    if is_position_scheme(spec):  # a training-free extrapolation scheme inside attention (plain RoPE frequencies)
+        scheme = parse_position_scheme(spec)
+        return scheme.name, {f.name: getattr(scheme, f.name) for f in dataclasses.fields(scheme)}, "all"
     name, colon, body = spec.partition(":")
     items = [item for item in (part.strip() for part in body.split(",")) if item]
     layers = [item.partition("=")[2].strip() for item in items if item.partition("=")[0].strip() == "layers"]
@@ -53,12 +58,29 @@ def model_with_rope(model: Model, spec: str) -> Model:
     """``spec`` is ``none``/``default`` or ``VARIANT[:k=v,...][,layers=global|all]`` (:func:`parse_model_rope`)."""
     if spec in ("none", "default", ""):
         return model
+    if is_position_scheme(spec):
+        scheme = parse_position_scheme(spec)
+        if not hasattr(model.config, "with_position_scheme"):
+            raise ValueError(
+                f"position scheme {scheme.name!r} is implemented for the LLaMA family (SmolLM2), not for "
+                f"{type(model.config).__name__}"
+            )
+        return with_config(model, model.config.with_position_scheme(scheme))
     variant, params, layers = parse_model_rope(spec)
     return with_config(model, model.config.with_rope(variant, params, layers=layers))
 
 
 def context_warning(model: Model, rope_spec: str, lengths: list[int]) -> str | None:
     trained = model.config.max_position_embeddings
+    if is_position_scheme(rope_spec):
+        scheme = parse_position_scheme(rope_spec).resolved(trained)
+        limit = scheme.max_length(trained)
+        if limit is not None and lengths and max(lengths) > limit:
+            return (
+                f"warning: lengths up to {max(lengths)} exceed the {limit} tokens that {scheme.spec} supports for a "
+                f"model trained to {trained} (its positions would leave the trained range)"
+            )
+        return None
     if rope_spec in ("none", "default", "") and lengths and max(lengths) > trained:
         return (
             f"warning: lengths up to {max(lengths)} exceed the model's trained context of {trained} tokens "

@@ -22,9 +22,10 @@ from lcm.cache.kv import KVCache, LayerCache
 from lcm.kernels.attention import api as attention_api
 from lcm.kernels.attention.config import XlaConfig
 from lcm.models.decoder_layer import AttentionSettings, LayerInputs, LayerSettings
+from lcm.ops import position_schemes, rotary
 from lcm.ops import rope as rope_ops
-from lcm.ops import rotary
 from lcm.ops.masks import Mask
+from lcm.ops.position_schemes import PositionScheme
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -147,11 +148,12 @@ def attention_settings(cfg: Any, decode: bool) -> AttentionSettings:
 
 def inference_settings(cfg: Any, cache: KVCache, seq: int) -> LayerSettings:
     """The static part of an inference forward's layer calls: how keys are stored, the attention settings (wider key
-    tiles for a one-token step) and the KV policy's hooks."""
+    tiles for a one-token step), the KV policy's hooks and the config's position scheme."""
     return LayerSettings(
         keys_pre_rope=cache.keys_pre_rope,
         attention=attention_settings(cfg, decode=seq == 1),
         hooks=LayerHooks() if cache.hooks is None else cache.hooks,
+        positions=getattr(cfg, "position_scheme", None),
     )
 
 
@@ -188,10 +190,18 @@ def layer_inputs(
     mask: Mask,
     num_valid: Int[Array, ""],
     observers: Bool[Array, "B T"] | None,
+    scheme: PositionScheme | None = None,
 ) -> LayerInputs:
     """What the layers sharing one RoPE table and mask get in an inference forward: cos/sin of the chunk's
     positions and (keys stored pre-RoPE) of ``reference``'s slot positions after this chunk, which every layer
-    numbering its slots alike reuses; computed once, not per layer (:func:`materialised`)."""
+    numbering its slots alike reuses; computed once, not per layer (:func:`materialised`). Under a position
+    ``scheme`` the slot tables are the scheme's, one per key position map."""
+
+    def slot_tables(slots: jax.Array) -> Any:
+        if scheme is None:
+            return rotary.rope_cos_sin(slots, inv_freq, attention_factor)
+        return position_schemes.key_rotations(scheme, slots, inv_freq, attention_factor)
+
     slot_positions = None
     if keys_pre_rope:
         slot_positions = jax.lax.dynamic_update_slice(reference.positions, positions, (jnp.int32(0), reference.length))
@@ -199,7 +209,7 @@ def layer_inputs(
         reference.length,
         lambda: (
             rotary.rope_cos_sin(positions, inv_freq, attention_factor),
-            None if slot_positions is None else rotary.rope_cos_sin(slot_positions, inv_freq, attention_factor),
+            None if slot_positions is None else slot_tables(slot_positions),
         ),
     )
     return LayerInputs(

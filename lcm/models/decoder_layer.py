@@ -26,8 +26,9 @@ from lcm.cache.hooks import LayerHooks, LayerView
 from lcm.cache.kv import LayerCache
 from lcm.kernels.attention import api as attention_api
 from lcm.kernels.attention.config import CpuConfig, XlaConfig
-from lcm.ops import rotary
+from lcm.ops import position_schemes, rotary
 from lcm.ops.masks import Mask
+from lcm.ops.position_schemes import PositionScheme
 
 Rotation = tuple[Float[Array, "B T R"], Float[Array, "B T R"]]
 
@@ -47,6 +48,9 @@ class LayerSettings:
     keys_pre_rope: bool = False
     attention: AttentionSettings = AttentionSettings()
     hooks: LayerHooks = LayerHooks()  # what the KV policy records in the layer and what a step attends to
+    # a training-free extrapolation scheme (lcm.ops.position_schemes): attention as parts over distance bands, each
+    # rotated to its own positions and merged by log-sum-exp; needs keys stored pre-RoPE. None: plain RoPE
+    positions: PositionScheme | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -59,7 +63,9 @@ class LayerInputs:
     ``rotation`` is the cos/sin of the new tokens' positions (:func:`lcm.ops.rotary.rope_cos_sin`). For keys
     stored pre-RoPE, ``slot_positions``/``slot_rotation`` are one layer's slot positions after this chunk and
     their cos/sin: a layer whose positions equal them rotates its keys with that table instead of computing its own
-    (cos/sin cost ~5 ms per layer over 8k slots on 2 cores, 30x a decode step's budget).
+    (cos/sin cost ~5 ms per layer over 8k slots on 2 cores, 30x a decode step's budget). Under a position scheme
+    (``LayerSettings.positions``) ``slot_rotation`` holds one table per key position map of the scheme
+    (:func:`lcm.ops.position_schemes.key_rotations`).
     """
 
     positions: Int[Array, "B T"]
@@ -69,7 +75,7 @@ class LayerInputs:
     attention_factor: Float[Array, ""] | float
     num_valid: Int[Array, ""]  # real tokens of a right-padded chunk: the layer's length advances by it
     slot_positions: Int[Array, "B S"] | None = None
-    slot_rotation: Rotation | None = None
+    slot_rotation: Rotation | tuple[Rotation | None, ...] | None = None
     observers: Bool[Array, "B T"] | None = None  # queries whose attention probabilities add to the scores
 
 
@@ -77,6 +83,46 @@ def _attend(settings: LayerSettings, q: jax.Array, keys: jax.Array, values: jax.
     return attention_api.attention(
         q, keys, values, mask=mask, implementation=settings.attention.implementation, config=settings.attention.config
     )
+
+
+def _attend_scheme(
+    settings: LayerSettings,
+    q_pre: jax.Array,
+    q_positions: jax.Array,
+    keys_pre: jax.Array,
+    key_positions: jax.Array,
+    values: jax.Array,
+    mask: Mask,
+    inputs: LayerInputs,
+    rotations: Any = None,
+) -> jax.Array:
+    """Attention under the layer's position scheme: its parts through the same typed attention call, with lse."""
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, part_mask: Mask) -> tuple[jax.Array, jax.Array]:
+        return attention_api.attention(
+            q,
+            k,
+            v,
+            mask=part_mask,
+            return_lse=True,
+            implementation=settings.attention.implementation,
+            config=settings.attention.config,
+        )
+
+    out, _ = position_schemes.scheme_attention(
+        settings.positions,
+        attend,
+        q_pre,
+        q_positions,
+        keys_pre,
+        key_positions,
+        values,
+        mask,
+        inputs.inv_freq,
+        inputs.attention_factor,
+        rotations,
+    )
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -104,9 +150,15 @@ def decoder_layer(
     block = nnx.merge(graphdef, params)
     q_pre, k_pre, v = block.attn.project_qkv(block.attention_input(x))
     q = rotary.rotate(q_pre, *inputs.rotation)
+    scheme = settings.positions
     if state is None:  # the training layer: no buffer; what the hooks record is returned in the state's place
         keys, values = rotary.rotate(k_pre, *inputs.rotation).swapaxes(1, 2), v.swapaxes(1, 2)
-        attn = _attend(settings, q, keys, values, inputs.mask)
+        if scheme is None:
+            attn = _attend(settings, q, keys, values, inputs.mask)
+        else:
+            attn = _attend_scheme(
+                settings, q_pre, inputs.positions, k_pre.swapaxes(1, 2), inputs.positions, values, inputs.mask, inputs
+            )
         record = settings.hooks.record_forward(
             LayerView(
                 q=q,
@@ -129,6 +181,11 @@ def decoder_layer(
         return block.add_mlp(block.add_attention(x, attn)), record
 
     start = state.length
+    if scheme is not None and not settings.keys_pre_rope:
+        raise ValueError(
+            f"position scheme {scheme.name!r} rotates each key per part: the cache must store keys before RoPE "
+            "(init_cache(..., keys_pre_rope=True); the Engine does this)"
+        )
     k = k_pre if settings.keys_pre_rope else rotary.rotate(k_pre, *inputs.rotation)
     # the chunk goes into the buffer (after its filled slots; a window keeps its latest entries) and the mask onto it
     written, mask = state.write(k, v, inputs.positions, inputs.mask)
@@ -157,7 +214,21 @@ def decoder_layer(
     # attention and a hook that reads the keys (the attention mass) share one rotation
     read_keys = rotated_keys() if hooks.reads_keys and inputs.observers is not None else None
 
+    def scheme_rotations() -> Any:
+        """The scheme's key tables: the forward's shared ones where this layer's positions are theirs."""
+
+        def own() -> Any:
+            return position_schemes.key_rotations(scheme, positions, inputs.inv_freq, inputs.attention_factor)
+
+        if inputs.slot_positions is None or inputs.slot_positions.shape != positions.shape:
+            return own()
+        return jax.lax.cond(jnp.array_equal(positions, inputs.slot_positions), lambda: inputs.slot_rotation, own)
+
     def attend_all() -> jax.Array:
+        if scheme is not None:
+            return _attend_scheme(
+                settings, q_pre, inputs.positions, keys, positions, values, mask, inputs, scheme_rotations()
+            )
         return _attend(settings, q, rotated_keys() if read_keys is None else read_keys, values, mask)
 
     view = LayerView(

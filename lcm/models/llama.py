@@ -32,6 +32,7 @@ from lcm.models.decoder import param_count as param_count
 from lcm.models.decoder_layer import LayerInputs, LayerSettings, decoder_layer
 from lcm.ops import masks, rotary
 from lcm.ops import rope as rope_ops
+from lcm.ops.position_schemes import PositionScheme
 
 # named architectures: what a config needs beyond runtime settings
 PRESETS: dict[str, dict[str, Any]] = {
@@ -86,6 +87,9 @@ class LlamaConfig(decoder.DecoderConfig):
     # inference runs the layers as one lax.scan over their stacked parameters and states (one layer compiled) where
     # every layer's state has the same shapes; False: the unrolled loop, faster on CPU (BENCHMARKS.md, layer scan)
     scan_layers: bool = False
+    # a training-free extrapolation scheme inside attention (lcm.ops.position_schemes: SelfExtend, DCA, ReRoPE), with
+    # the plain RoPE frequencies; None: RoPE as the variant says. Its defaults that depend on L0 are filled in here
+    position_scheme: PositionScheme | None = None
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -95,11 +99,24 @@ class LlamaConfig(decoder.DecoderConfig):
         self.check_common()
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window={self.sliding_window} must be positive or None")
+        if self.position_scheme is not None:
+            if not isinstance(self.position_scheme, PositionScheme):
+                raise ValueError(f"position_scheme must be a PositionScheme, got {self.position_scheme!r}")
+            if self.rope_variant != "default" or self.sliding_window is not None:
+                raise ValueError(
+                    f"position scheme {self.position_scheme.name!r} runs on plain RoPE and full attention; this config "
+                    f"has rope_variant={self.rope_variant!r}, sliding_window={self.sliding_window}"
+                )
+            object.__setattr__(self, "position_scheme", self.position_scheme.resolved(self.max_position_embeddings))
+
+    def with_position_scheme(self, scheme: PositionScheme | None) -> LlamaConfig:
+        """The same model under a training-free extrapolation scheme (plain RoPE frequencies), or without one."""
+        return dataclasses.replace(self, position_scheme=scheme, **self.rope_fields("default", None, "all"))
 
     def with_rope(self, variant: str, params: dict[str, Any] | None = None, layers: str = "all") -> LlamaConfig:
         """The same model with another RoPE variant (``original_max_position_embeddings`` defaults to L0), on every
         layer: all of them are global, so ``layers`` may be ``global`` or ``all``."""
-        return dataclasses.replace(self, **self.rope_fields(variant, params, layers))
+        return dataclasses.replace(self, **self.rope_fields(variant, params, layers), position_scheme=None)
 
 
 class RMSNorm(nnx.Module):
@@ -256,7 +273,15 @@ class Llama(nnx.Module):
         if cache.starts is not None:
             mask &= masks.left_padding(cache.starts)
         inputs = decoder.layer_inputs(
-            positions, cache.layers[0], cache.keys_pre_rope, inv_freq, attention_factor, mask, num_valid, observers
+            positions,
+            cache.layers[0],
+            cache.keys_pre_rope,
+            inv_freq,
+            attention_factor,
+            mask,
+            num_valid,
+            observers,
+            cfg.position_scheme,
         )
         # one scan step per layer (parameters and states stacked per call) where every state has the same shapes
         period = 1 if cfg.scan_layers and decoder.equal_shapes(cache.layers) else None
@@ -313,7 +338,11 @@ class Llama(nnx.Module):
             mask &= masks.documents(segment_ids, segment_ids)
         if cfg.sliding_window is not None:
             mask &= masks.sliding_window(cfg.sliding_window)
-        settings = LayerSettings(attention=decoder.attention_settings(cfg, decode=False), hooks=hooks or LayerHooks())
+        settings = LayerSettings(
+            attention=decoder.attention_settings(cfg, decode=False),
+            hooks=hooks or LayerHooks(),
+            positions=cfg.position_scheme,
+        )
         num_valid = jnp.int32(seq)
         inputs = LayerInputs(positions, rotation, mask, inv_freq, attention_factor, num_valid)
 
