@@ -62,10 +62,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from lcm.generate import Engine
     from lcm.io.checkpoints import load_model
     from lcm.io.retaining import model_for_policy
+    from lcm.ops.position_schemes import is_position_scheme
 
     if args.rope not in ("none", "default", ""):
         parse_model_rope(args.rope)  # fail on an unknown variant before loading weights
     policy = parse_policy(getattr(args, "policy", "full"), getattr(args, "budget", 0))
+    if is_position_scheme(args.rope):
+        policy.check_position_scheme(args.rope.partition(":")[0])
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model = model_for_policy(model_with_rope(model, args.rope), args.model, policy)  # heads after the RoPE swap
     lengths = getattr(args, "lengths", None) or [getattr(args, "length", 0)]
@@ -268,11 +271,18 @@ JOBS: dict[str, Callable[..., Any]] = {}
 
 
 def _jobs() -> dict[str, Callable[..., Any]]:
+    from lcm.evals.extrapolation import run_extrapolation_job
     from lcm.evals.grid import run_grid_job
     from lcm.evals.suite import run_suite
     from lcm.train.locret_run import run_locret_job
 
-    return {"long_context_suite": run_suite, "eval_grid": run_grid_job, "locret_train": run_locret_job, **JOBS}
+    return {
+        "long_context_suite": run_suite,
+        "eval_grid": run_grid_job,
+        "extrapolation": run_extrapolation_job,
+        "locret_train": run_locret_job,
+        **JOBS,
+    }
 
 
 def cmd_run(args: argparse.Namespace, overrides: Sequence[str]) -> None:

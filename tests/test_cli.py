@@ -45,6 +45,21 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
         (["eval", "lines", "--lengths", "512", "--num-lines", "5"], "exactly one of --lengths"),
         (["eval", "lines", "--num-lines", "5", "--depth", "2"], "--depth=2"),
         (["eval", "grid", "--tasks", "vt", "--lengths", "512", "--compression-ratio", "0.5", "--out", "x"], "`full`"),
+        (["eval", "passkey", "--rope", "selfextend:group=0", "--lengths", "64"], "group=0 must be an integer >= 1"),
+        (["eval", "passkey", "--rope", "dca:chunk=100,window=60", "--lengths", "64"], "below chunk - window"),
+        (["eval", "passkey", "--rope", "rerope:window=64,window=32", "--lengths", "64"], "given twice"),
+        (
+            ["eval", "passkey", "--rope", "selfextend", "--lengths", "64", "--policy", "h2o", "--budget", "64"],
+            "does not combine with the position scheme 'selfextend'",
+        ),
+        (
+            ["eval", "grid", "--tasks", "vt", "--lengths", "512", "--rope", "rerope", "--policy", "snapkv"]
+            + ["--budget", "512", "--out", "x"],
+            "does not combine with the position scheme 'rerope'",
+        ),
+        (["run", "configs/extrapolation_32k.py", "--config.methods=dca+tokenselect@2048"], "does not combine"),
+        (["run", "configs/extrapolation_32k.py", "--config.methods=none+h2o"], "ROPE+POLICY@BUDGET"),
+        (["run", "configs/extrapolation_32k.py", "--config.stages=nope"], "stage 'nope' is not defined"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(

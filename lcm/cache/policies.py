@@ -137,21 +137,26 @@ class KVPolicy:
         keeping their window; one that renumbers positions or probes the cache is refused there: its positions and
         probe entries would have to be shared by layers it does not manage."""
         scheme = getattr(getattr(model, "config", None), "position_scheme", None)
-        if scheme is not None and (
-            self.renumber or self.probe_tokens() or self.needs_scores or self.layer_hooks() is not None
-        ):
-            raise ValueError(
-                f"KV policy {self.name!r} renumbers positions, ranks by attention or selects what a step attends to, "
-                f"which lcm does not combine with the position scheme {scheme.name!r} (its statistics would come "
-                "from plain-RoPE attention, not the scheme's); use the full cache or a policy that ranks without "
-                "attention (knorm)"
-            )
+        if scheme is not None:
+            self.check_position_scheme(scheme.name)
         windows = list(getattr(model, "window_layers", tuple)())
         if windows and (self.renumber or self.probe_tokens()):
             raise ValueError(
                 f"KV policy {self.name!r} renumbers positions or probes the cache, which lcm does not do on a model "
                 f"whose layers {windows} keep their sliding window; evicting policies that keep positions (h2o, "
                 "snapkv, knorm, tova, pyramidkv) act on its global layers"
+            )
+
+    def check_position_scheme(self, scheme: str) -> None:
+        """One-line ``ValueError`` if the policy cannot run under the position scheme named ``scheme``
+        (:mod:`lcm.ops.position_schemes`): one that renumbers positions, probes the cache, ranks by attention or
+        selects what a step attends to would rank or number by plain-RoPE attention, not the scheme's."""
+        if self.renumber or self.probe_tokens() or self.needs_scores or self.layer_hooks() is not None:
+            raise ValueError(
+                f"KV policy {self.name!r} renumbers positions, ranks by attention or selects what a step attends to, "
+                f"which lcm does not combine with the position scheme {scheme!r} (its statistics would come from "
+                "plain-RoPE attention, not the scheme's); use the full cache or a policy that ranks without "
+                "attention (knorm)"
             )
 
     def with_tokenizer(self, tokenizer: Any) -> KVPolicy:

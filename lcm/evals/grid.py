@@ -58,6 +58,7 @@ class GridSpec:
         from lcm.cache.policies import POLICIES, parse_policy
         from lcm.evals.registry import get_task
         from lcm.evals.suite import parse_model_rope
+        from lcm.ops.position_schemes import is_position_scheme
 
         for task in self.tasks:
             if task.startswith(FILE_PREFIX):
@@ -90,7 +91,9 @@ class GridSpec:
             )
         for method in self.methods():
             if method.ratio is None:  # a ratio's budget depends on the prompt: checked once the prompts are built
-                parse_policy(method.policy, method.budget)  # unknown names, bad parameters, too small budgets
+                policy = parse_policy(method.policy, method.budget)  # unknown names, bad parameters, small budgets
+                if is_position_scheme(method.rope):
+                    policy.check_position_scheme(method.rope.partition(":")[0])
         if self.num_samples < 0 or self.batch_size <= 0:
             raise ValueError(f"num_samples={self.num_samples} and batch_size={self.batch_size} must be positive")
 
@@ -267,7 +270,12 @@ def check_methods(spec: GridSpec, samples: dict[tuple[str, int], list[Sample]]) 
                     raise ValueError(f"compression ratio {method.ratio:g} of {method.policy!r}: {err}") from None
 
 
-def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_grid(
+    spec: GridSpec, log: Callable[[str], None] = print, loaded: tuple[Any, Any] | None = None, write_report: bool = True
+) -> dict[str, Any]:
+    """Run ``spec``'s pending samples (module docstring). ``loaded``: the ``(model, tokenizer)`` of ``spec.model``
+    already in memory (a job running several grids into one folder); ``write_report=False`` skips the tables and
+    plots (the caller writes its own) and returns ``{}``."""
     from lcm.cache.policies import parse_policy
     from lcm.evals.suite import model_with_rope
     from lcm.generate import Engine
@@ -277,7 +285,7 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
 
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(spec.model, dtype=spec.dtype)
+    model, tokenizer = load_model(spec.model, dtype=spec.dtype) if loaded is None else loaded
     samples = build_samples(spec, tokenizer, log)
     check_methods(spec, samples)
     _drop_partial_line(out / RESULTS)
@@ -328,6 +336,8 @@ def run_grid(spec: GridSpec, log: Callable[[str], None] = print) -> dict[str, An
                     sink.flush()
                     bar.update(len(batch))
     bar.close()
+    if not write_report:
+        return {}
     from lcm.evals.report import report  # the report reads results.jsonl; it imports this module
 
     return report(out, log=log)
