@@ -22,8 +22,8 @@ METHODS = (
     "selfextend",  # group 16, window 1024 (the LongLM README's rule for 8k -> 32k)
     "dca",  # chunk 3L/4 = 6144, window L/16 = 512 (ChunkLlama's replace_with_chunkllama)
     "rerope:window=512",
-    "none+tokenselect@2048",  # k = 2048 selected (+ 128 initial + 512 local), contiguous positions
-    "none+infinipot@4096",  # a 4k pot (the paper's main setting), CR-RoPE positions
+    "none+tokenselect@2688",  # the paper's 128 initial + 2048 selected + 512 local, contiguous positions
+    "none+infinipot@3584",  # |C| = 3584 + a 512 chunk = the paper's 4k pot |M|, CR-RoPE positions
 )
 
 

@@ -151,3 +151,20 @@ def test_gemma3_greedy_passkey_ids_equal_transformers_at_4k(tmp_path: Path, gemm
     out = tmp_path / "parity.jsonl"
     assert script.main(["--length", "4096", "--trials", "10", "--out", str(out)]) == 0
     assert len(out.read_text().splitlines()) == 10
+
+
+def test_extrapolation_table_rewrites_the_readme_block_from_rows(tmp_path: Path) -> None:
+    table = _experiment("extrapolation_table")
+    rows = [
+        {"model": "m", "task": "passkey", "length": 16384, "rope": "selfextend", "policy": "full", "budget": 0}
+        | {"index": i, "score": float(i != 1), "output": "x"}
+        for i in range(3)
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{table.BEGIN}\nold\n{table.END}\nafter\n")
+    table.main([str(tmp_path), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{table.END}\nafter\n") and "old" not in text
+    assert "| `selfextend` | 2/3 | not run |" in text
+    assert (tmp_path / "passkey.png").is_file()

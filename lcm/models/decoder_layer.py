@@ -94,7 +94,7 @@ def _attend_scheme(
     values: jax.Array,
     mask: Mask,
     inputs: LayerInputs,
-    rotations: Any = None,
+    rotated_keys: Any = None,
 ) -> jax.Array:
     """Attention under the layer's position scheme: its parts through the same typed attention call, with lse."""
 
@@ -120,7 +120,7 @@ def _attend_scheme(
         mask,
         inputs.inv_freq,
         inputs.attention_factor,
-        rotations,
+        rotated_keys,
     )
     return out
 
@@ -214,20 +214,27 @@ def decoder_layer(
     # attention and a hook that reads the keys (the attention mass) share one rotation
     read_keys = rotated_keys() if hooks.reads_keys and inputs.observers is not None else None
 
-    def scheme_rotations() -> Any:
-        """The scheme's key tables: the forward's shared ones where this layer's positions are theirs."""
+    def scheme_keys() -> tuple[jax.Array, ...]:
+        """The buffer's keys rotated under each of the scheme's key maps, with the forward's shared tables where
+        this layer's positions are theirs (the rotation inside the branch: a branch returning the tables would copy
+        them per layer)."""
 
-        def own() -> Any:
-            return position_schemes.key_rotations(scheme, positions, inputs.inv_freq, inputs.attention_factor)
+        def own() -> tuple[jax.Array, ...]:
+            tables = position_schemes.key_rotations(scheme, positions, inputs.inv_freq, inputs.attention_factor)
+            return position_schemes.rotate_keys(keys, tables)
 
         if inputs.slot_positions is None or inputs.slot_positions.shape != positions.shape:
             return own()
-        return jax.lax.cond(jnp.array_equal(positions, inputs.slot_positions), lambda: inputs.slot_rotation, own)
+        return jax.lax.cond(
+            jnp.array_equal(positions, inputs.slot_positions),
+            lambda: position_schemes.rotate_keys(keys, inputs.slot_rotation),
+            own,
+        )
 
     def attend_all() -> jax.Array:
         if scheme is not None:
             return _attend_scheme(
-                settings, q_pre, inputs.positions, keys, positions, values, mask, inputs, scheme_rotations()
+                settings, q_pre, inputs.positions, keys, positions, values, mask, inputs, scheme_keys()
             )
         return _attend(settings, q, rotated_keys() if read_keys is None else read_keys, values, mask)
 

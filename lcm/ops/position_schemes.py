@@ -262,6 +262,13 @@ def key_rotations(
     )
 
 
+def rotate_keys(
+    k_pre: Float[Array, "B K S D"], rotations: tuple[Rotation | None, ...]
+) -> tuple[Float[Array, "B K S D"], ...]:
+    """A heads-first key buffer rotated under each key position map (:func:`key_rotations`; None: as it is)."""
+    return tuple(k_pre if table is None else rotary.rotate(k_pre, *table, heads_first=True) for table in rotations)
+
+
 def scheme_attention(
     scheme: PositionScheme,
     attend: Attend,
@@ -273,24 +280,19 @@ def scheme_attention(
     mask: Mask,
     inv_freq: Float[Array, " F"],
     attention_factor: float | jax.Array = 1.0,
-    rotations: tuple[Rotation | None, ...] | None = None,
+    rotated_keys: tuple[jax.Array, ...] | None = None,
 ) -> tuple[Float[Array, "B T H D"], Float[Array, "B T H"]]:
     """Attention of pre-RoPE queries over pre-RoPE keys under ``scheme``: one ``attend`` call per part, under
     ``mask & band`` with the part's rotations, merged by log-sum-exp. Returns the output and its log-sum-exp.
-    ``rotations`` are :func:`key_rotations` of ``k_positions`` when the caller computed them once for many layers."""
-    if rotations is None:
-        rotations = key_rotations(scheme, k_positions, inv_freq, attention_factor)
+    ``rotated_keys``: ``k_pre`` already rotated under each key map (:func:`rotate_keys`), when the caller has them."""
+    if rotated_keys is None:
+        rotated_keys = rotate_keys(k_pre, key_rotations(scheme, k_positions, inv_freq, attention_factor))
     q_positions, k_positions = q_positions.astype(jnp.int32), k_positions.astype(jnp.int32)
-    rotated_keys: dict[int, jax.Array] = {}
     outs, lses = [], []
     for part, band in enumerate(scheme.bands()):
-        index = scheme.key_map(part)
-        if index not in rotated_keys:
-            table = rotations[index]
-            rotated_keys[index] = k_pre if table is None else rotary.rotate(k_pre, *table, heads_first=True)
         cos_sin = rotary.rope_cos_sin(scheme.query_positions(part, q_positions), inv_freq, attention_factor)
         part_mask = mask & Mask(band=band, q_positions=q_positions, k_positions=k_positions)
-        out, lse = attend(rotary.rotate(q_pre, *cos_sin), rotated_keys[index], values, part_mask)
+        out, lse = attend(rotary.rotate(q_pre, *cos_sin), rotated_keys[scheme.key_map(part)], values, part_mask)
         outs.append(out)
         lses.append(lse)
     return merge_parts(outs, lses)

@@ -225,3 +225,25 @@ def test_parse_and_limits() -> None:
     for spec, message in bad.items():
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             ps.parse_position_scheme(spec)
+
+
+def test_readme_example_runs() -> None:
+    """The README's position-scheme block, executed as written, equals the float64 SelfExtend definition."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("# past the trained length without training", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(block, scope)
+    positions = np.arange(256)[None]
+    want = _reference64(
+        np.ones((1, 16, 4, 64)),
+        np.ones((1, 2, 256, 64)),
+        np.asarray(scope["v"]),
+        positions[:, 200:216],
+        positions,
+        216,
+        lambda i, j: _selfextend(i, j, 4, 32),
+    )
+    assert scope["lse"].shape == (1, 16, 4)
+    np.testing.assert_allclose(np.asarray(scope["out"]), want, **TOL)
