@@ -110,12 +110,19 @@ def check_config(cfg: Any) -> tuple[list[Method], list[Stage]]:
 
 def run_extrapolation_job(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """``lcm run configs/extrapolation_32k.py`` (module docstring)."""
+    from lcm.evals.suite import context_warning
     from lcm.io.checkpoints import load_model
+    from lcm.ops.position_schemes import is_position_scheme
 
     methods, stages = check_config(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    longest = max(n for stage in stages for n in stage.lengths)
+    for method in methods:  # a scheme read past the length its setting supports: said, not refused
+        warning = context_warning(model, method.rope, [longest]) if is_position_scheme(method.rope) else None
+        if warning:
+            log(warning)
     for stage in stages:
         for method in methods:
             log(f"[{stage.name}] {method.label}")

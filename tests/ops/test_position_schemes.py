@@ -95,8 +95,7 @@ def _inputs(seed: int, batch: int, q_len: int, capacity: int, heads: int, kv_hea
 
 
 SCHEMES = {
-    "selfextend": (ps.SelfExtend(group=4, window=16), lambda i, j: _selfextend(i, j, 4, 16)),
-    "selfextend_g3": (ps.SelfExtend(group=3, window=7), lambda i, j: _selfextend(i, j, 3, 7)),
+    "selfextend": (ps.SelfExtend(group=3, window=16), lambda i, j: _selfextend(i, j, 3, 16)),
     "dca": (ps.DualChunk(chunk=24, window=6), lambda i, j: _dca(i, j, 24, 6)),
     "rerope": (ps.ReRoPE(window=10), lambda i, j: _rerope(i, j, 10, 0.0)),
     "leaky_rerope": (ps.ReRoPE(window=10, leak=4.0), lambda i, j: _rerope(i, j, 10, 4.0)),
