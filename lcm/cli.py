@@ -78,6 +78,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return model, tokenizer, Engine(model, chunk_size=args.chunk_size, policy=policy.with_tokenizer(tokenizer))
 
 
+def _rope_record(args: argparse.Namespace, engine: Any) -> str:
+    """The RoPE spec a result was produced under: a position scheme with its defaults resolved for the model (``dca``
+    is recorded as ``dca:chunk=6144,window=512``), else the spec as given."""
+    scheme = getattr(engine.config, "position_scheme", None)
+    return args.rope if scheme is None else scheme.spec
+
+
 def _emit(args: argparse.Namespace, payload: dict[str, Any], human: str) -> None:
     print(human)
     if args.json:
@@ -96,7 +103,7 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
         result = perplexity.sliding_window_nll(engine, ids, args.length, args.stride)
     else:
         result = perplexity.prefix_nll(engine, ids, args.length)
-    payload = {**result.to_dict(), "model": args.model, "rope": args.rope, "input": args.input}
+    payload = {**result.to_dict(), "model": args.model, "rope": _rope_record(args, engine), "input": args.input}
     _emit(args, payload, f"nll {result.nll:.4f}  ppl {result.ppl:.3f}  over {result.n_tokens} predictions")
 
 
@@ -123,7 +130,7 @@ def cmd_passkey(args: argparse.Namespace) -> None:
         "accuracy": {str(n): a for n, a in acc.items()},
         "trials": args.trials,
         "model": args.model,
-        "rope": args.rope,
+        "rope": _rope_record(args, engine),
         "outputs": [t.__dict__ for t in trials],
     }
     _emit(args, payload, "passkey accuracy: " + ", ".join(f"{n}: {a:.0%}" for n, a in acc.items()))
@@ -163,7 +170,7 @@ def cmd_lines(args: argparse.Namespace) -> None:
         "unit": unit,
         "trials": args.trials,
         "model": args.model,
-        "rope": args.rope,
+        "rope": _rope_record(args, engine),
         "policy": args.policy,
         "budget": args.budget,
         "outputs": outputs,

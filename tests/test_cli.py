@@ -136,6 +136,14 @@ def test_real_model_perplexity_json(capsys: pytest.CaptureFixture[str], smollm2_
     assert payload["n_tokens"] == 511
     # Python source is easy for a code-trained model: a mean NLL between 0.5 and 4 nats is sane, 10.8 = uniform
     assert 0.5 < payload["nll"] < 4.0
+    # Dual Chunk Attention within one chunk (512 < 6144 - 512) is plain RoPE through its own attention parts: the
+    # same NLL to float32 round-off, and the JSON records the scheme with the defaults it resolved to for 8k
+    argv = ["eval", "perplexity", "--model", "smollm2", "--input", str(text), "--length", "512", "--rope", "dca"]
+    code, out, _ = run_cli(capsys, *argv, "--json")
+    assert code == 0
+    scheme = json.loads(out.strip().splitlines()[-1])
+    assert scheme["rope"] == "dca:chunk=6144,window=512"
+    assert abs(scheme["nll"] - payload["nll"]) < 1e-4
 
 
 def test_real_model_lines_json(capsys: pytest.CaptureFixture[str], smollm2_gguf: Path) -> None:
