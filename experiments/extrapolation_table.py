@@ -15,6 +15,7 @@ import importlib.util
 from pathlib import Path
 
 from lcm.evals import extrapolation
+from lcm.evals.report import replace_between
 
 BEGIN, END = "<!-- extrapolation table: begin -->", "<!-- extrapolation table: end -->"
 TRAINED = 8192  # SmolLM2-135M's trained context
@@ -30,10 +31,7 @@ def _config_methods() -> list[str]:
 
 def replace_block(text: str, block: str) -> str:
     """``text`` with what lies between the BEGIN and END lines replaced by ``block``."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise SystemExit(f"need exactly one {BEGIN!r} line followed by one {END!r} line")
-    head, rest = text.split(BEGIN)
-    return f"{head}{BEGIN}\n{block}\n{END}{rest.split(END)[1]}"
+    return replace_between(text, BEGIN, END, block)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from lcm.evals.report import replace_between
+
 VARIANTS = ("none", "linear:factor=2", "ntk:factor=2", "dynamic:factor=2", "yarn:factor=2")
 PASSKEY_LENGTHS = (8192, 16384)
 PPL_LENGTHS = (4096, 8192, 16384)
@@ -73,10 +75,7 @@ def timings(table: dict[str, dict]) -> str:
 
 def replace_block(text: str, block: str) -> str:
     """``text`` with what lies between the BEGIN and END lines replaced by ``block``."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise SystemExit(f"need exactly one {BEGIN!r} line followed by one {END!r} line")
-    head, rest = text.split(BEGIN)
-    return f"{head}{BEGIN}\n{block}\n{END}{rest.split(END)[1]}"
+    return replace_between(text, BEGIN, END, block)
 
 
 def main(argv: list[str] | None = None) -> None:

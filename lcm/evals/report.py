@@ -307,3 +307,12 @@ def _heatmap(
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def replace_between(text: str, begin: str, end: str, block: str) -> str:
+    """``text`` with what lies between its one ``begin`` line and its one ``end`` line replaced by ``block`` (the
+    scripts that rewrite a README table from saved results); a missing or repeated marker is an error."""
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise SystemExit(f"need exactly one {begin!r} line followed by one {end!r} line")
+    head, rest = text.split(begin)
+    return f"{head}{begin}\n{block}\n{end}{rest.split(end)[1]}"
